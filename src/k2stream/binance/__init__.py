@@ -1,0 +1,1 @@
+"""What k2stream knows about Binance: stream names, payloads, REST."""

@@ -1,0 +1,1 @@
+"""Resilience that knows no exchange: backoff, breakers, budgets, connections, sequencing."""

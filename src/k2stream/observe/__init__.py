@@ -1,0 +1,1 @@
+"""Metrics, probes and status: how k2stream is seen from outside."""

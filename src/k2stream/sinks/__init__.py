@@ -1,0 +1,1 @@
+"""Where trades end up: SQLite, JSON lines, Kafka."""
