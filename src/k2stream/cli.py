@@ -142,10 +142,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from k2stream.service import Service
-
     settings = resolve(vars(args))
     configure(settings.log_format, settings.log_level)
+
+    from k2stream.service import Service
+
     return asyncio.run(Service(settings).run())
 
 

@@ -434,7 +434,7 @@ def add_arguments(
             action="append" if option.name == "endpoint" else "store",
             default=None,
             metavar=option.name.upper(),
-            help=f"{option.help} [{option.env}; default: {default}]",
+            help=f"{option.help} [{option.env}; default: {default}]".replace("%", "%%"),
         )
 
 

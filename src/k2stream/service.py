@@ -77,10 +77,16 @@ class Service:
         self.writer: SinkWriter | None = None
         self.backfiller: Backfiller | None = None
         self.sequencer = Sequencer()
+        self.pipeline: Pipeline | None = None
         self.probe: ProbeServer | None = None
         self.rests: dict[str, BinanceRest] = {}
         self._stop = asyncio.Event()
-        self._fatal: str | None = None
+        self._background: set[asyncio.Future[None]] = set()
+
+    @property
+    def delivered(self) -> int:
+        """Trades handed to the sink so far."""
+        return 0 if self.pipeline is None else self.pipeline.delivered
 
     def stop(self) -> None:
         """Begin a clean shutdown (what SIGINT and SIGTERM do)."""
@@ -162,7 +168,7 @@ class Service:
                 self.sequencer.resume(key, last_id)
                 log.info("resuming", key=str(key), checkpoint=last_id)
 
-        pipeline = Pipeline(self.sequencer, writer, self.metrics)
+        pipeline = self.pipeline = Pipeline(self.sequencer, writer, self.metrics)
         backfiller = self.backfiller = Backfiller(
             pipeline,
             self._fetch_for(normalizers),
@@ -346,8 +352,18 @@ class Service:
             self.backfiller.export(key)
 
     def _on_lost(self, lost: LostRange) -> None:
-        if self.writer is not None:
-            self.writer.record_gap(lost.key, lost.first, lost.last, lost.reason)
+        """Keep the lost range in the store too, where `k2stream verify` finds it."""
+        writer = self.writer
+        if writer is None:
+            return
+
+        def record(sink: Any) -> None:
+            if hasattr(sink, "record_gap"):
+                sink.record_gap(lost.key, lost.first, lost.last, reason=lost.reason)
+
+        task = asyncio.ensure_future(writer.run_in_sink(record))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _live(self) -> str | None:
         if self.writer is not None and self.writer.failed is not None:

@@ -23,7 +23,7 @@ from k2stream.exchange.market import UNITS, Tape, fill_quantity, format_units
 _FIN_TEXT: Final = 0x81
 """FIN bit plus the text opcode: every event is one unfragmented text frame."""
 
-_SHORT_HEADERS: Final = [
+_HEADERS: Final = [
     chr(_FIN_TEXT) + (chr(n) if n < 126 else "\x7e" + chr(n >> 8) + chr(n & 0xFF))
     for n in range(4096)
 ]
@@ -31,6 +31,12 @@ _SHORT_HEADERS: Final = [
 
 _SIZE_TEXT: list[str] = []
 """Decimal text of every fill size code, built on first use (65536 strings)."""
+
+_SIZE_LENGTH: Final = len("0.65536000")
+"""Every fill quantity is below 1 (size codes stop at 65535), so its text has
+this length."""
+
+_PRICE_TEXT: dict[int, str] = {}
 
 
 class Variant(NamedTuple):
@@ -44,19 +50,23 @@ class FrameBatch(NamedTuple):
     """Frames of one tick for one stream and variant, one by one and joined."""
 
     frames: list[str]
-    """Each frame as latin-1 text; ``frame.encode("latin-1")`` is the wire form."""
+    """Each frame (header and payload) as latin-1 text."""
     data: bytes
     """All frames, encoded, back to back: what a normal connection writes."""
 
 
 def frame_text(payload: str) -> str:
     """One unmasked, unfragmented text frame carrying ASCII ``payload``."""
-    size = len(payload)
+    return frame_header(len(payload)) + payload
+
+
+def frame_header(size: int) -> str:
+    """The header of an unmasked text frame with a ``size``-byte payload."""
     if size < 4096:
-        return _SHORT_HEADERS[size] + payload
+        return _HEADERS[size]
     if size < 65536:
-        return "\x81\x7e" + chr(size >> 8) + chr(size & 0xFF) + payload
-    return "\x81\x7f" + size.to_bytes(8, "big").decode("latin-1") + payload
+        return "\x81\x7e" + chr(size >> 8) + chr(size & 0xFF)
+    return "\x81\x7f" + size.to_bytes(8, "big").decode("latin-1")
 
 
 def text_frame(payload: bytes) -> bytes:
@@ -73,15 +83,24 @@ def stream_name(symbol: str, stream: str) -> str:
     return f"{symbol.lower()}@{stream}"
 
 
-def trade_frames(tape: Tape, lo: int, hi: int, variant: Variant) -> list[str]:
-    """Frames of trades ``[lo, hi)`` of ``tape`` (indexes, not ids)."""
+def trade_frames(tape: Tape, agg_lo: int, agg_hi: int, variant: Variant) -> list[str]:
+    """Frames of the trades of aggregates ``[agg_lo, agg_hi)`` of ``tape``.
+
+    This is the hottest loop of the exchange, and Python pays for every
+    operation, so the work is arranged to happen as rarely as possible:
+
+    - the fills of one aggregate share price, times and side, so only the id
+      and the quantity are formatted per fill;
+    - neighbouring aggregates usually share their millisecond and often their
+      price, so each piece of text is rebuilt only when its value changes;
+    - a fill's quantity text always has the same length (it is below 1), so
+      the frame header is the same for a whole aggregate until the id gains
+      a digit.
+    """
     if not _SIZE_TEXT:
         _SIZE_TEXT.extend(format_units(fill_quantity(code)) for code in range(65536))
 
     symbol = tape.symbol
-    first_id = tape.first_id
-    sizes = tape.trade_size
-    aggs = tape.trade_agg
     divisor = 1 if variant.micro else 1000
     if variant.combined:
         head = f'{{"stream":"{symbol.lower()}@trade","data":{{"e":"trade","E":'
@@ -90,35 +109,85 @@ def trade_frames(tape: Tape, lo: int, hi: int, variant: Variant) -> list[str]:
         head = '{"e":"trade","E":'
         tail = "}"
 
-    headers = _SHORT_HEADERS
+    headers = _HEADERS
     size_text = _SIZE_TEXT
-    frames = []
-    last_agg = -1
-    agg_head = ""
-    agg_price = ""
-    agg_tail = ""
-    for index in range(lo, hi):
-        agg = aggs[index]
-        if agg != last_agg:
-            # Fills of one aggregate share price, times and side: format once.
-            last_agg = agg
-            whole, fraction = divmod(tape.agg_price[agg], UNITS)
-            maker = "true" if tape.agg_maker[agg] else "false"
-            agg_head = f'{head}{tape.agg_event[agg] // divisor},"s":"{symbol}","t":'
-            agg_price = f',"p":"{whole}.{fraction:08d}","q":"'
-            agg_tail = (
-                f'","T":{tape.agg_time[agg] // divisor},"m":{maker},"M":true{tail}'
+    sizes = tape.trade_size
+    firsts = tape.agg_first
+    prices = tape.agg_price
+    times = tape.agg_time
+    events = tape.agg_event
+    makers = tape.agg_maker
+    agg_count = len(firsts)
+    first_id = tape.first_id
+
+    frames: list[str] = []
+    add = frames.append
+    event = trade_time = price = maker = -1
+    before_id = before_size = after_size = ""
+    variable = 0
+    digits = 0
+    digit_limit = 0
+    for agg in range(agg_lo, agg_hi):
+        first = firsts[agg]
+        end = firsts[agg + 1] if agg + 1 < agg_count else len(sizes)
+        stale = False
+
+        if events[agg] // divisor != event:
+            event = events[agg] // divisor
+            event_text = f'{head}{event},"s":"{symbol}","t":'
+            stale = True
+        if prices[agg] != price:
+            price = prices[agg]
+            before_size = f',"p":"{_price_text(price)}","q":"'
+            stale = True
+        if times[agg] // divisor != trade_time or makers[agg] != maker:
+            trade_time = times[agg] // divisor
+            maker = makers[agg]
+            side = "true" if maker else "false"
+            after_size = f'","T":{trade_time},"m":{side},"M":true{tail}'
+            stale = True
+        if first_id + end > digit_limit:
+            digits = len(str(first_id + first))
+            digit_limit = 10**digits
+            stale = True
+
+        if first_id + end - 1 >= digit_limit:
+            # The id gains a digit inside this aggregate: size each frame.
+            for index in range(first, end):
+                add(
+                    frame_text(
+                        f"{event_text}{first_id + index}{before_size}"
+                        f"{size_text[sizes[index]]}{after_size}"
+                    )
+                )
+            event = -1
+            continue
+
+        if stale:
+            variable = len(event_text) + len(before_size) + len(after_size)
+            before_id = headers[variable + digits + _SIZE_LENGTH] + event_text
+        for index in range(first, end):
+            add(
+                f"{before_id}{first_id + index}{before_size}"
+                f"{size_text[sizes[index]]}{after_size}"
             )
-        payload = (
-            f"{agg_head}{first_id + index}{agg_price}"
-            f"{size_text[sizes[index]]}{agg_tail}"
-        )
-        frames.append(headers[len(payload)] + payload)
     return frames
 
 
-def agg_trade_frames(tape: Tape, lo: int, hi: int, variant: Variant) -> list[str]:
-    """Frames of aggregate trades ``[lo, hi)`` of ``tape`` (indexes, not ids)."""
+def _price_text(price: int) -> str:
+    """Price text, cached: a walking price revisits the same few values."""
+    text = _PRICE_TEXT.get(price)
+    if text is None:
+        if len(_PRICE_TEXT) > 100_000:
+            _PRICE_TEXT.clear()
+        text = _PRICE_TEXT[price] = format_units(price)
+    return text
+
+
+def agg_trade_frames(
+    tape: Tape, agg_lo: int, agg_hi: int, variant: Variant
+) -> list[str]:
+    """Frame parts of aggregate trades ``[agg_lo, agg_hi)`` of ``tape``."""
     symbol = tape.symbol
     divisor = 1 if variant.micro else 1000
     if variant.combined:
@@ -128,12 +197,12 @@ def agg_trade_frames(tape: Tape, lo: int, hi: int, variant: Variant) -> list[str
         head = '{"e":"aggTrade","E":'
         tail = "}"
 
-    frames = []
-    for index in range(lo, hi):
+    frames: list[str] = []
+    for index in range(agg_lo, agg_hi):
         price_whole, price_fraction = divmod(tape.agg_price[index], UNITS)
-        qty_whole, qty_fraction = divmod(tape.agg_qty[index], UNITS)
+        qty_whole, qty_fraction = divmod(tape.agg_quantity(index), UNITS)
         first = tape.first_id + tape.agg_first[index]
-        last = tape.first_id + tape.agg_last_index(index)
+        last = tape.first_id + tape.agg_end(index) - 1
         maker = "true" if tape.agg_maker[index] else "false"
         payload = (
             f'{head}{tape.agg_event[index] // divisor},"s":"{symbol}",'

@@ -14,6 +14,7 @@ how ticks happened to fall. Only the timestamps come from the clock.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import random
 import sys
 from array import array
@@ -47,6 +48,9 @@ _SIZE_BLOCK: Final = 4096
 
 _WALK: Final = (-2, -1, -1, 0, 0, 1, 1, 2)
 """Price steps between orders, indexed by 3 random bits: symmetric, no drift."""
+
+_CATCH_UP_TICKS: Final = 5.0
+"""A late tick generates at most this many ticks' worth of trades."""
 
 _FILLS: Final = (1, 1, 1, 1, 2, 2, 3, 4)
 """Fills per price level, indexed by 3 random bits: mostly one, sometimes four."""
@@ -152,10 +156,11 @@ class AggTradeTruth:
 class Tape:
     """Every trade and aggregate trade of one symbol, in columns.
 
-    A trade stores only a size code (its quantity is ``(code + 1) * 0.00001``)
-    and the index of its aggregate: price, times and side are the
-    aggregate's, since the fills of one aggregate share them. That keeps a
-    trade at 6 bytes plus its share of an aggregate (41 bytes).
+    A trade stores only a size code (its quantity is ``(code + 1) * 0.00001``):
+    its price, times and side are its aggregate's, since the fills of one
+    aggregate share them, and its aggregate is found by bisecting
+    ``agg_first``. An aggregate's quantity is the sum of its fills. That is
+    2 bytes per trade plus 29 per aggregate: under 20 bytes per trade.
     """
 
     def __init__(self, spec: SymbolSpec) -> None:
@@ -165,9 +170,7 @@ class Tape:
         self.first_agg_id = spec.first_agg_id
 
         self.trade_size = array("H")
-        self.trade_agg = array("I")
         self.agg_price = array("q")
-        self.agg_qty = array("q")
         self.agg_first = array("I")
         """Index (not id) of each aggregate's first trade."""
         self.agg_time = array("q")
@@ -188,14 +191,23 @@ class Tape:
     def first(self, stream: str) -> int:
         return self.first_agg_id if stream == STREAM_AGG_TRADE else self.first_id
 
-    def agg_last_index(self, index: int) -> int:
-        """Index of the last trade of the aggregate at ``index``."""
+    def agg_of(self, index: int) -> int:
+        """Index of the aggregate that holds the trade at ``index``."""
+        return bisect.bisect_right(self.agg_first, index) - 1
+
+    def agg_end(self, index: int) -> int:
+        """Index one past the last trade of the aggregate at ``index``."""
         if index + 1 < len(self.agg_first):
-            return self.agg_first[index + 1] - 1
-        return len(self.trade_size) - 1
+            return self.agg_first[index + 1]
+        return len(self.trade_size)
+
+    def agg_quantity(self, index: int) -> int:
+        """Quantity (in 1e-8) of the aggregate at ``index``: its fills, summed exactly."""
+        first, end = self.agg_first[index], self.agg_end(index)
+        return (sum(self.trade_size[first:end]) + end - first) * QUANTITY_STEP
 
     def trade_at(self, index: int) -> TradeTruth:
-        agg = self.trade_agg[index]
+        agg = self.agg_of(index)
         return TradeTruth(
             symbol=self.symbol,
             id=self.first_id + index,
@@ -212,9 +224,9 @@ class Tape:
             symbol=self.symbol,
             id=self.first_agg_id + index,
             price=format_units(self.agg_price[index]),
-            quantity=format_units(self.agg_qty[index]),
+            quantity=format_units(self.agg_quantity(index)),
             first_trade_id=self.first_id + self.agg_first[index],
-            last_trade_id=self.first_id + self.agg_last_index(index),
+            last_trade_id=self.first_id + self.agg_end(index) - 1,
             trade_time_us=self.agg_time[index],
             event_time_us=self.agg_event[index],
             buyer_is_maker=bool(self.agg_maker[index]),
@@ -247,11 +259,13 @@ class _OrderFlow:
     def sizes(self, count: int) -> array[int]:
         """The next ``count`` fill-size codes (quantity = (code + 1) * 0.00001)."""
         if self._position + count > len(self._block):
-            rest = self._block[self._position :]
-            fresh = array("H", self._sizes.randbytes(2 * _SIZE_BLOCK))
-            if sys.byteorder == "big":
-                fresh.byteswap()
-            self._block = rest + fresh
+            block = self._block[self._position :]
+            while len(block) < count:
+                fresh = array("H", self._sizes.randbytes(2 * _SIZE_BLOCK))
+                if sys.byteorder == "big":
+                    fresh.byteswap()
+                block += fresh
+            self._block = block
             self._position = 0
 
         start = self._position
@@ -309,6 +323,8 @@ class Market:
         self._base_counts: dict[str, int] = {}
         self._last_wall_us = 0
         self.running = False
+        self.forgone = 0
+        """Trades not generated because the loop fell behind (see :meth:`advance`)."""
 
     # -- symbols and ground truth -------------------------------------------------
 
@@ -381,12 +397,15 @@ class Market:
 
     # -- generation -----------------------------------------------------------------
 
-    def advance(self) -> list[TapeSlice]:
+    def advance(self, catch_up: float | None = None) -> list[TapeSlice]:
         """Generate every trade that is due by the clock; return what was added.
 
         A symbol owes ``rate`` trades per second since :meth:`start` (or since
-        the market was created, when driven by hand). Orders are never split
-        across ticks, so a tick may run ahead by the fills of one order.
+        the first call, when driven by hand). Orders are never split across
+        ticks, so a tick may run ahead by the fills of one order. With
+        ``catch_up``, a symbol that owes more than that many ticks' worth
+        generates only that much and forgets the rest: an overloaded loop
+        then lowers the rate instead of spiralling into ever longer ticks.
         """
         if not self._base_counts:
             self._rebase()
@@ -403,10 +422,17 @@ class Market:
             if not tape.spec.trading:
                 continue
 
-            due = self._base_counts[symbol] + int(tape.spec.rate * elapsed)
+            # The epsilon keeps float sums of tick lengths (0.05 * 60) whole.
+            due = self._base_counts[symbol] + int(tape.spec.rate * elapsed + 1e-6)
             owed = due - tape.trade_count
             if owed <= 0:
                 continue
+            if catch_up is not None:
+                most = max(1, int(tape.spec.rate * self.tick * catch_up))
+                if owed > most:
+                    self._base_counts[symbol] -= owed - most
+                    self.forgone += owed - most
+                    owed = most
 
             trade_lo, agg_lo = tape.trade_count, tape.agg_count
             self._generate(tape, self._flows[symbol], owed, start_us, now_wall_us)
@@ -423,21 +449,17 @@ class Market:
         This is the hot path of generation, so an order is decided by one draw
         of 32 bits: 3 for the price walk, 1 for the side, 5 for the number of
         levels, 3 per level for its number of fills, 8 for the event delay.
+        Fill sizes are drawn in one slice once the tick's fill count is known.
         """
         add_price = tape.agg_price.append
-        add_quantity = tape.agg_qty.append
         add_first = tape.agg_first.append
         add_time = tape.agg_time.append
         add_event = tape.agg_event.append
         add_maker = tape.agg_maker.append
-        add_trade_aggs = tape.trade_agg.extend
-        add_sizes = tape.trade_size.extend
         shape = flow.shape
-        sizes_of = flow.sizes
         step = flow.step
         span = end_us - start_us
-        agg = len(tape.agg_price)
-        trade = len(tape.trade_size)
+        start = trade = len(tape.trade_size)
         target = trade + owed
 
         while trade < target:
@@ -454,19 +476,15 @@ class Market:
             event_time = trade_time + (bits >> 24) * 4
             price = flow.price
             for level in range(level_count):
-                fill_count = _FILLS[(bits >> (9 + 3 * level)) & 7]
-                sizes = sizes_of(fill_count)
                 add_price(price)
-                add_quantity((sum(sizes) + fill_count) * QUANTITY_STEP)
                 add_first(trade)
                 add_time(trade_time)
                 add_event(event_time)
                 add_maker(maker)
-                add_trade_aggs([agg] * fill_count)
-                add_sizes(sizes)
-                agg += 1
-                trade += fill_count
+                trade += _FILLS[(bits >> (9 + 3 * level)) & 7]
                 price = max(step, price + direction)
+
+        tape.trade_size.extend(flow.sizes(trade - start))
 
     def _rebase(self) -> None:
         """Count what is owed from now on, from the current tape lengths."""
@@ -507,7 +525,7 @@ class Market:
         next_when = max(when + self.tick, loop.time())
         self._schedule(loop, next_when)
 
-        slices = self.advance()
+        slices = self.advance(catch_up=_CATCH_UP_TICKS)
         if not slices:
             return
         for listener in list(self._listeners):

@@ -492,9 +492,16 @@ def _quote_quantity(price: int, quantity: int) -> str:
 def _trade_items(tape: Tape, lo: int, hi: int, micro: bool) -> list[dict[str, Any]]:
     """``/trades`` and ``/historicalTrades`` items for trade indexes ``[lo, hi)``."""
     divisor = 1 if micro else 1000
-    items = []
+    items: list[dict[str, Any]] = []
+    if lo >= hi:
+        return items
+
+    agg = tape.agg_of(lo)
+    agg_end = tape.agg_end(agg)
     for index in range(lo, hi):
-        agg = tape.trade_agg[index]
+        if index == agg_end:
+            agg += 1
+            agg_end = tape.agg_end(agg)
         price = tape.agg_price[agg]
         quantity = fill_quantity(tape.trade_size[index])
         items.append(
@@ -518,9 +525,9 @@ def _agg_items(tape: Tape, lo: int, hi: int, micro: bool) -> list[dict[str, Any]
         {
             "a": tape.first_agg_id + index,
             "p": format_units(tape.agg_price[index]),
-            "q": format_units(tape.agg_qty[index]),
+            "q": format_units(tape.agg_quantity(index)),
             "f": tape.first_id + tape.agg_first[index],
-            "l": tape.first_id + tape.agg_last_index(index),
+            "l": tape.first_id + tape.agg_end(index) - 1,
             "T": tape.agg_time[index] // divisor,
             "m": bool(tape.agg_maker[index]),
             "M": True,

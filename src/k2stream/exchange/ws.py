@@ -95,6 +95,8 @@ class Connection:
         """False once closing began: no data frame may follow a close frame."""
         self.sent = 0
         self.dropped = 0
+        self.close_code: int | None = None
+        """The code this side closed with; None when the client closed or it was killed."""
 
         self._loop = asyncio.get_running_loop()
         self._incoming: deque[float] = deque()
@@ -374,6 +376,7 @@ class Connection:
         if not self.open:
             return
         self.open = False
+        self.close_code = code
         log.info(
             "ws_connection_closing",
             endpoint=self.endpoint.index,
@@ -453,7 +456,7 @@ class Hub:
 
 def _encode(piece: TapeSlice, stream: str, variant: Variant) -> FrameBatch:
     if stream == STREAM_TRADE:
-        frames = trade_frames(piece.tape, piece.trade_lo, piece.trade_hi, variant)
+        frames = trade_frames(piece.tape, piece.agg_lo, piece.agg_hi, variant)
     else:
         frames = agg_trade_frames(piece.tape, piece.agg_lo, piece.agg_hi, variant)
     return batch(frames)
@@ -541,7 +544,7 @@ class WsEndpoint:
                 "ws_connection_closed",
                 endpoint=self.index,
                 peer=peer,
-                code=ws.close_code,
+                code=connection.close_code,
                 sent=connection.sent,
                 dropped=connection.dropped,
             )

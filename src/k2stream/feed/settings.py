@@ -33,7 +33,7 @@ class FeedSettings:
     rotate_after: float = 84_600.0
     """23 h 30 min: replaced well before Binance's 24 h cut."""
     rotate_jitter: float = 0.02
-    switch_timeout: float = 30.0
+    switch_timeout: float = 10.0
     """How long a replacement connection may take to carry every stream."""
     overlap: float = 0.5
     """How long old and new connections both read after a switch."""

@@ -127,6 +127,8 @@ class Supervisor:
             settings.connection_attempts, settings.connection_window, clock=clock
         )
         self._stopping = asyncio.Event()
+        self._watchdog = self._make_watchdog()
+        self._symbol_watchdogs: dict[StreamKey, RateWatchdog] = {}
         self._failed_attempts = 0
         self.link: Link | None = None
         self.reconnects = 0
@@ -141,22 +143,32 @@ class Supervisor:
         """Stream until :meth:`stop`; raises :class:`GiveUp` when every endpoint keeps failing."""
         cause = ""
         immediate = True
+        avoid: Endpoint | None = None
         while not self._stopping.is_set():
             if not immediate:
                 await self._schedule_retry(cause, self._first_usable())
-            link = await self._connect()
+            link = await self._connect(avoid)
             if link is None:
                 break
             cause, stable = await self._serve(link)
+            # A connection that went silent makes its endpoint suspect: the
+            # next attempt tries the others first, and failback returns
+            # once the endpoint serves data again.
+            avoid = link.endpoint if cause in ("stale", "heartbeat_timeout") else None
             immediate = stable
             if not stable and not self._stopping.is_set():
                 self._record_failed_attempt(cause)
 
-    async def _connect(self) -> Link | None:
+    async def _connect(self, avoid: Endpoint | None = None) -> Link | None:
         """Try the usable endpoints in order until one connects, backing off between passes."""
         while not self._stopping.is_set():
             errors: list[str] = []
-            for endpoint in self._usable():
+            order = self._usable()
+            if avoid in order and len(order) > 1:
+                order.remove(avoid)
+                order.append(avoid)
+            avoid = None
+            for endpoint in order:
                 link = await self._try(endpoint, errors)
                 if link is not None:
                     return link
@@ -242,26 +254,33 @@ class Supervisor:
         session: Session,
         reader: asyncio.Task[str],
     ) -> Link:
-        settings = self._settings
+        # The watchdogs outlive connections: the rate they learnt belongs to the
+        # subscribed streams, so a replacement that opens silent is caught as fast.
+        watchdog = self._watchdog
+        watchdog.reset()
+        for key in session.counts:
+            if key not in self._symbol_watchdogs:
+                self._symbol_watchdogs[key] = self._make_watchdog()
+            self._symbol_watchdogs[key].reset()
 
-        def watchdog() -> RateWatchdog:
-            return RateWatchdog(
-                timeout=settings.health_check_timeout,
-                min_silence=settings.min_silence,
-                clock=self._clock,
-            )
-
-        stability = Stability(settings.stable_after, self._clock)
+        stability = Stability(self._settings.stable_after, self._clock)
         stability.opened()
         return Link(
             endpoint=endpoint,
             connection=connection,
             session=session,
             reader=reader,
-            watchdog=watchdog(),
+            watchdog=watchdog,
             stability=stability,
-            symbol_watchdogs={key: watchdog() for key in session.counts},
+            symbol_watchdogs={key: self._symbol_watchdogs[key] for key in session.counts},
             counts_seen=dict.fromkeys(session.counts, 0),
+        )
+
+    def _make_watchdog(self) -> RateWatchdog:
+        return RateWatchdog(
+            timeout=self._settings.health_check_timeout,
+            min_silence=self._settings.min_silence,
+            clock=self._clock,
         )
 
     async def _serve(self, link: Link) -> tuple[str, bool]:
@@ -287,6 +306,12 @@ class Supervisor:
                     await self._close(link, "stopped")
                     return "stopped", True
                 if link.reader.done():
+                    if link.session.shutdown_requested:
+                        # The server closed right after its notice, before a
+                        # replacement could open: reconnect at once.
+                        self._metrics.reconnects.labels(link.endpoint.label, "server_shutdown").inc()
+                        log.info("reconnecting", endpoint=link.endpoint.label, reason="server_shutdown")
+                        return "server_shutdown", True
                     return self._lost(link), link.stable
 
                 now = self._clock.monotonic()
@@ -394,6 +419,7 @@ class Supervisor:
         self._metrics.errors.labels("stale").inc()
         self._metrics.reconnects.labels(link.endpoint.label, "stale").inc()
         link.endpoint.last_error = "stale: no data"
+        link.endpoint.breaker.record_failure("stale")
         link.connection.abort("stale")
         link.reader.cancel()
 
@@ -403,6 +429,8 @@ class Supervisor:
             exc = link.reader.exception()
             reason = f"reader failed: {exc!r}" if exc else link.reader.result()
         kind = "heartbeat_timeout" if "heartbeat" in reason else "connection_lost"
+        if kind == "heartbeat_timeout":
+            self._metrics.stale_detections.labels("heartbeat").inc()
         log.warning(
             "connection_lost",
             endpoint=link.endpoint.label,
@@ -454,13 +482,17 @@ class Supervisor:
             if new.reader.done() or self._clock.monotonic() >= deadline:
                 break
             await asyncio.sleep(0.02)
-        if new.reader.done():
+        complete = new.session.all_streams_seen()
+        if new.reader.done() or (not complete and (reason == "failback" or not new.connection.frames)):
+            # Traffic only moves to a connection that serves data.
             log.warning(
                 "rotation_failed",
                 reason=reason,
                 endpoint=endpoint.label,
-                error="closed",
+                error="no data within switch_timeout" if not new.reader.done() else "closed",
             )
+            endpoint.breaker.record_failure("no data")
+            await self._close(new, "abandoned")
             return None
 
         # Both read for a moment: whatever either misses the other carries.
@@ -493,7 +525,7 @@ class Supervisor:
         self._metrics.connection_status.set(1)
         self._metrics.reconnect_delay.set(0)
         self._metrics.failover_active.set(0 if link.endpoint.primary else 1)
-        self._metrics.us_venue_active.set(1 if link.endpoint.venue == BINANCE_US else 0)
+        self._metrics.binanceus_active.set(1 if link.endpoint.venue == BINANCE_US else 0)
         if not link.endpoint.primary:
             log.warning(
                 "failover",

@@ -92,6 +92,8 @@ class RateWatchdog:
         """Take in the ``count`` messages received since the last call."""
         if count < 0:
             raise ValueError(f"count must be >= 0 messages, got {count}")
+        if count == 0:
+            return
 
         now = self._clock.monotonic()
         self._last_data = now

@@ -124,8 +124,8 @@ class Metrics:
             "1 while no live connection is on the primary endpoint.",
             registry=r,
         )
-        self.us_venue_active = Gauge(
-            "k2_binance_us_venue_active",
+        self.binanceus_active = Gauge(
+            "k2_binance_binanceus_active",
             "1 while data is captured from Binance.US, a separate venue.",
             registry=r,
         )

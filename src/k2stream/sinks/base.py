@@ -133,6 +133,9 @@ def parse_sink_url(url: str) -> SinkUrl:
     if scheme == "jsonl" and rest == "-":
         return SinkUrl(scheme, None, url)
 
+    if rest in ("//", "///"):
+        raise _invalid(url, "it names no file")
+
     if not rest.startswith("//"):
         raise _invalid(url, f"{scheme} needs three slashes before the path")
 
@@ -140,7 +143,7 @@ def parse_sink_url(url: str) -> SinkUrl:
         raise _invalid(url, f"{scheme} takes no host, only a path after ///")
 
     path = rest[3:]
-    if not path or path.endswith("/"):
+    if path.endswith("/"):
         raise _invalid(url, "it names no file")
 
     if "?" in path or "#" in path:
