@@ -328,6 +328,15 @@ _ROWS: list[tuple[str, Any, Callable[[str], Any], str, str, str]] = [
         "While on a fallback, how often a preferred endpoint is probed.",
     ),
     (
+        "switch_timeout",
+        _FEED.switch_timeout,
+        _positive_seconds,
+        "K2_BINANCE_SWITCH_TIMEOUT",
+        "seconds > 0",
+        "How long a replacement connection may take to carry every stream before a "
+        "rotation goes ahead, or a failback is abandoned.",
+    ),
+    (
         "rotate_after",
         _FEED.rotate_after,
         _positive_seconds,
@@ -375,6 +384,14 @@ _ROWS: list[tuple[str, Any, Callable[[str], Any], str, str, str]] = [
         "K2_SINK_MAX_BACKLOG",
         "a whole number >= 1",
         "Trades buffered while the sink is slow or down; past it, ids become gaps healed later.",
+    ),
+    (
+        "sink_busy_timeout",
+        5.0,
+        _seconds,
+        "K2_SINK_BUSY_TIMEOUT",
+        "seconds >= 0",
+        "How long a SQLite write waits for another process's lock before it is retried later.",
     ),
     (
         "shard",

@@ -147,8 +147,13 @@ class Service:
         self.metrics.rest_weight_limit.set(self.rests[BINANCE].budget.allowance)
         normalizers = await self._symbol_info(venues)
 
+        options = (
+            {"busy_timeout": settings.sink_busy_timeout}
+            if settings.sink.startswith("sqlite:")
+            else {}
+        )
         writer = self.writer = SinkWriter(
-            open_sink(settings.sink),
+            open_sink(settings.sink, **options),
             self.metrics,
             checkpoints=self.sequencer.checkpoints,
             batch_size=settings.batch_size,

@@ -315,6 +315,26 @@ class TestHandshakes:
         assert banned.value.status == 418
         assert retry_after == "30"
 
+    async def test_too_many_attempts_get_429(
+        self, start_exchange: StartExchange, session: aiohttp.ClientSession
+    ) -> None:
+        """Past handshake_limit attempts in the window, handshakes get 429."""
+        exchange = await start_exchange(handshake_limit=3, handshake_window=0.5)
+        url = exchange.ws_urls[0] + "/ws"
+
+        for _ in range(3):
+            await (await session.ws_connect(url)).close()
+        with pytest.raises(aiohttp.WSServerHandshakeError) as limited:
+            await session.ws_connect(url)
+        await asyncio.sleep(0.6)
+        await (await session.ws_connect(url)).close()
+
+        assert limited.value.status == 429
+        assert limited.value.headers is not None
+        assert limited.value.headers["Retry-After"] == "1"
+        assert exchange.stats.handshakes[0] == 5
+        assert exchange.stats.accepted[0] == 4
+
     async def test_clear_ends_faults_at_once(
         self, start_exchange: StartExchange, session: aiohttp.ClientSession
     ) -> None:

@@ -251,8 +251,11 @@ class TestOutage:
         after: everything accepted is stored."""
         with structlog.testing.capture_logs() as logs:
             with write_lock(path):
-                feed.offer(writer, range(1, 401))
+                feed.offer(writer, range(1, 101))
                 await eventually(lambda: not writer.available)
+                assert {} == writer.durable_checkpoints
+
+                feed.offer(writer, range(101, 401))
                 await eventually(
                     lambda: sample(metrics, "k2_sink_errors_total", reason="busy") >= 3
                 )
@@ -270,7 +273,7 @@ class TestOutage:
         assert {BTC: 300} == writer.durable_checkpoints == store.checkpoints(path)
         assert (True, 1) == (writer.available, sample(metrics, "k2_sink_available"))
         events = [e["event"] for e in logs if e["event"].startswith("sink_")]
-        assert ["sink_backlog_full", "sink_write_failed", "sink_write_recovered"] == (
+        assert ["sink_write_failed", "sink_backlog_full", "sink_write_recovered"] == (
             sorted(set(events), key=events.index)
         )
         assert 1 == events.count("sink_write_failed")

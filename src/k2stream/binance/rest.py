@@ -48,7 +48,8 @@ class RestError(Exception):
     def __init__(self, path: str, status: int, message: str) -> None:
         self.path = path
         self.status = status
-        super().__init__(f"GET {path} failed: HTTP {status}: {message}")
+        answer = f"HTTP {status}: {message}" if status else message
+        super().__init__(f"GET {path} failed: {answer}")
 
 
 class RestRateLimited(RestError):

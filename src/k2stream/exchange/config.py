@@ -35,6 +35,10 @@ class ExchangeConfig:
     """Streams per connection (Binance: 1024)."""
     lifetime: float = 86400.0
     """Connections are closed this long after they open (Binance: 24 h)."""
+    handshake_limit: int | None = 300
+    """Handshake attempts per endpoint within ``handshake_window`` before 429
+    (Binance: 300 attempts per 5 minutes per IP); None turns the limit off."""
+    handshake_window: float = 300.0
     close_timeout: float = 2.0
     """How long a closing handshake may take before the socket is dropped."""
     max_send_buffer: int = 16 * 1024 * 1024
@@ -63,5 +67,7 @@ class ExchangeConfig:
             raise ValueError("ping_interval, pong_timeout and lifetime must be > 0")
         if self.max_incoming_per_second < 1 or self.max_streams < 1:
             raise ValueError("max_incoming_per_second and max_streams must be >= 1")
+        if self.handshake_limit is not None and self.handshake_limit < 1:
+            raise ValueError("handshake_limit must be >= 1, or None for no limit")
         if self.history_limit is not None and self.history_limit < 1:
             raise ValueError("history_limit must be >= 1, or None to keep all")

@@ -36,7 +36,8 @@ _SIZE_LENGTH: Final = len("0.65536000")
 """Every fill quantity is below 1 (size codes stop at 65535), so its text has
 this length."""
 
-_PRICE_TEXT: dict[int, str] = {}
+_PRICE_TEXT: dict[int, tuple[str, int]] = {}
+"""Text around a price, with its length, by price: walking prices repeat."""
 
 
 class Variant(NamedTuple):
@@ -91,11 +92,11 @@ def trade_frames(tape: Tape, agg_lo: int, agg_hi: int, variant: Variant) -> list
 
     - the fills of one aggregate share price, times and side, so only the id
       and the quantity are formatted per fill;
-    - neighbouring aggregates usually share their millisecond and often their
-      price, so each piece of text is rebuilt only when its value changes;
+    - the text around the price, and around the trade time and side, is
+      cached with its length, since neighbouring aggregates share them;
     - a fill's quantity text always has the same length (it is below 1), so
-      the frame header is the same for a whole aggregate until the id gains
-      a digit.
+      one frame header serves a whole aggregate unless the id gains a digit
+      inside it.
     """
     if not _SIZE_TEXT:
         _SIZE_TEXT.extend(format_units(fill_quantity(code)) for code in range(65536))
@@ -111,77 +112,81 @@ def trade_frames(tape: Tape, agg_lo: int, agg_hi: int, variant: Variant) -> list
 
     headers = _HEADERS
     size_text = _SIZE_TEXT
+    price_texts = _PRICE_TEXT
+    after_texts: dict[int, tuple[str, int]] = {}
     sizes = tape.trade_size
-    firsts = tape.agg_first
-    prices = tape.agg_price
-    times = tape.agg_time
-    events = tape.agg_event
-    makers = tape.agg_maker
-    agg_count = len(firsts)
     first_id = tape.first_id
+    ends = tape.agg_first[agg_lo + 1 : agg_hi + 1].tolist()
+    if len(ends) < agg_hi - agg_lo:
+        ends.append(len(sizes))
 
     frames: list[str] = []
     add = frames.append
-    event = trade_time = price = maker = -1
-    before_id = before_size = after_size = ""
-    variable = 0
-    digits = 0
+    last_event = -1
+    event_text = ""
+    event_length = 0
     digit_limit = 0
-    for agg in range(agg_lo, agg_hi):
-        first = firsts[agg]
-        end = firsts[agg + 1] if agg + 1 < agg_count else len(sizes)
-        stale = False
-
-        if events[agg] // divisor != event:
-            event = events[agg] // divisor
+    digits = 0
+    for price, event_us, time_us, maker, first, end in zip(
+        tape.agg_price[agg_lo:agg_hi],
+        tape.agg_event[agg_lo:agg_hi],
+        tape.agg_time[agg_lo:agg_hi],
+        tape.agg_maker[agg_lo:agg_hi],
+        tape.agg_first[agg_lo:agg_hi],
+        ends,
+        strict=True,
+    ):
+        event = event_us // divisor
+        if event != last_event:
+            last_event = event
             event_text = f'{head}{event},"s":"{symbol}","t":'
-            stale = True
-        if prices[agg] != price:
-            price = prices[agg]
-            before_size = f',"p":"{_price_text(price)}","q":"'
-            stale = True
-        if times[agg] // divisor != trade_time or makers[agg] != maker:
-            trade_time = times[agg] // divisor
-            maker = makers[agg]
-            side = "true" if maker else "false"
-            after_size = f'","T":{trade_time},"m":{side},"M":true{tail}'
-            stale = True
+            event_length = len(event_text)
+        price_text, price_length = price_texts.get(price) or _price_text(price)
+        key = time_us // divisor * 2 + maker
+        after_text, after_length = after_texts.get(key) or _after_text(
+            after_texts, key, tail
+        )
         if first_id + end > digit_limit:
             digits = len(str(first_id + first))
             digit_limit = 10**digits
-            stale = True
 
-        if first_id + end - 1 >= digit_limit:
+        if first_id + end - 1 < digit_limit:
+            size = event_length + digits + price_length + _SIZE_LENGTH + after_length
+            before_id = headers[size] + event_text
+            for index in range(first, end):
+                add(
+                    f"{before_id}{first_id + index}{price_text}"
+                    f"{size_text[sizes[index]]}{after_text}"
+                )
+        else:
             # The id gains a digit inside this aggregate: size each frame.
             for index in range(first, end):
                 add(
                     frame_text(
-                        f"{event_text}{first_id + index}{before_size}"
-                        f"{size_text[sizes[index]]}{after_size}"
+                        f"{event_text}{first_id + index}{price_text}"
+                        f"{size_text[sizes[index]]}{after_text}"
                     )
                 )
-            event = -1
-            continue
-
-        if stale:
-            variable = len(event_text) + len(before_size) + len(after_size)
-            before_id = headers[variable + digits + _SIZE_LENGTH] + event_text
-        for index in range(first, end):
-            add(
-                f"{before_id}{first_id + index}{before_size}"
-                f"{size_text[sizes[index]]}{after_size}"
-            )
     return frames
 
 
-def _price_text(price: int) -> str:
-    """Price text, cached: a walking price revisits the same few values."""
-    text = _PRICE_TEXT.get(price)
-    if text is None:
-        if len(_PRICE_TEXT) > 100_000:
-            _PRICE_TEXT.clear()
-        text = _PRICE_TEXT[price] = format_units(price)
-    return text
+def _price_text(price: int) -> tuple[str, int]:
+    """The text from after the id to the quantity, for ``price``; cached."""
+    if len(_PRICE_TEXT) > 100_000:
+        _PRICE_TEXT.clear()
+    text = f',"p":"{format_units(price)}","q":"'
+    _PRICE_TEXT[price] = text, len(text)
+    return text, len(text)
+
+
+def _after_text(
+    cache: dict[int, tuple[str, int]], key: int, tail: str
+) -> tuple[str, int]:
+    """The text after the quantity, for a trade time and side packed in ``key``."""
+    side = "true" if key & 1 else "false"
+    text = f'","T":{key >> 1},"m":{side},"M":true{tail}'
+    cache[key] = text, len(text)
+    return text, len(text)
 
 
 def agg_trade_frames(

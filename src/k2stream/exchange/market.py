@@ -244,17 +244,15 @@ class _OrderFlow:
     """
 
     def __init__(self, spec: SymbolSpec, seed: int) -> None:
-        self._shapes = random.Random(f"{seed}/{spec.symbol}/orders")
+        shapes = random.Random(f"{seed}/{spec.symbol}/orders")
+        self.draw = shapes.getrandbits
+        """Random bits that decide one order (see :meth:`Market._generate`)."""
         self._sizes = random.Random(f"{seed}/{spec.symbol}/sizes")
         self._block = array("H")
         self._position = 0
         self.price = parse_units(spec.price)
         decimals = len(spec.price.partition(".")[2])
         self.step = 10 ** (8 - min(decimals, 8))
-
-    def shape(self) -> int:
-        """32 random bits that decide one order (see :meth:`Market._generate`)."""
-        return self._shapes.getrandbits(32)
 
     def sizes(self, count: int) -> array[int]:
         """The next ``count`` fill-size codes (quantity = (code + 1) * 0.00001)."""
@@ -451,39 +449,57 @@ class Market:
         levels, 3 per level for its number of fills, 8 for the event delay.
         Fill sizes are drawn in one slice once the tick's fill count is known.
         """
-        add_price = tape.agg_price.append
-        add_first = tape.agg_first.append
-        add_time = tape.agg_time.append
-        add_event = tape.agg_event.append
-        add_maker = tape.agg_maker.append
-        shape = flow.shape
+        prices: list[int] = []
+        firsts: list[int] = []
+        times: list[int] = []
+        events: list[int] = []
+        makers: list[int] = []
+        draw = flow.draw
         step = flow.step
+        price = flow.price
         span = end_us - start_us
         start = trade = len(tape.trade_size)
         target = trade + owed
 
         while trade < target:
-            bits = shape()
-            flow.price = max(step, flow.price + step * _WALK[bits & 7])
+            bits = draw(32)
+            price += step * _WALK[bits & 7]
+            if price < step:
+                price = step
             maker = (bits >> 3) & 1
-            direction = -step if maker else step
-            draw = (bits >> 4) & 31
-            level_count = 1 if draw < 26 else (2 if draw < 30 else 3)
 
             # Orders in one tick get increasing times across the tick's span;
             # the event is stamped a little after the trade, as on Binance.
             trade_time = end_us - span * (target - trade - 1) // owed
             event_time = trade_time + (bits >> 24) * 4
-            price = flow.price
-            for level in range(level_count):
-                add_price(price)
-                add_first(trade)
-                add_time(trade_time)
-                add_event(event_time)
-                add_maker(maker)
-                trade += _FILLS[(bits >> (9 + 3 * level)) & 7]
-                price = max(step, price + direction)
 
+            prices.append(price)
+            firsts.append(trade)
+            times.append(trade_time)
+            events.append(event_time)
+            makers.append(maker)
+            trade += _FILLS[(bits >> 9) & 7]
+
+            # One order in five sweeps a second level, one in sixteen a third.
+            levels = (bits >> 4) & 31
+            if levels >= 26:
+                level_price = price
+                direction = -step if maker else step
+                for level in (1, 2) if levels >= 30 else (1,):
+                    level_price = max(step, level_price + direction)
+                    prices.append(level_price)
+                    firsts.append(trade)
+                    times.append(trade_time)
+                    events.append(event_time)
+                    makers.append(maker)
+                    trade += _FILLS[(bits >> (9 + 3 * level)) & 7]
+
+        flow.price = price
+        tape.agg_price.extend(prices)
+        tape.agg_first.extend(firsts)
+        tape.agg_time.extend(times)
+        tape.agg_event.extend(events)
+        tape.agg_maker.extend(makers)
         tape.trade_size.extend(flow.sizes(trade - start))
 
     def _rebase(self) -> None:

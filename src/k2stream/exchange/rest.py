@@ -187,15 +187,11 @@ class RestApi:
             self.weight.admit(WEIGHTS.get(request.path, 1))
             response = await handler(request)
         except BinanceError as exc:
-            response = web.json_response(
-                {"code": exc.code, "msg": exc.msg}, status=exc.status
-            )
+            response = _json({"code": exc.code, "msg": exc.msg}, status=exc.status)
             if exc.retry_after is not None:
                 response.headers["Retry-After"] = str(exc.retry_after)
         except web.HTTPException as exc:
-            response = web.json_response(
-                {"code": -1000, "msg": exc.reason}, status=exc.status
-            )
+            response = _json({"code": -1000, "msg": exc.reason}, status=exc.status)
         response.headers[USED_WEIGHT_HEADER] = str(self.weight.current())
         return response
 
@@ -333,8 +329,11 @@ class RestApi:
         return now_us if _micro(request) else now_us // 1000
 
 
-def _json(body: object) -> web.Response:
-    return web.Response(body=msgspec.json.encode(body), content_type="application/json")
+def _json(body: object, status: int = 200) -> web.Response:
+    """A compact JSON response, as Binance writes them."""
+    return web.Response(
+        body=msgspec.json.encode(body), status=status, content_type="application/json"
+    )
 
 
 def _injected(status: int, retry_after: int) -> BinanceError:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import socket
 import struct
 import time
@@ -471,6 +472,7 @@ class WsEndpoint:
         self.hub = hub
         self.faults = EndpointFaults()
         self._connections: set[Connection] = set()
+        self._attempts: deque[float] = deque()
         self.handshakes = 0
         self.accepted = 0
 
@@ -484,18 +486,19 @@ class WsEndpoint:
         return list(self._connections)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        """A handshake: refuse it if a fault says so, else serve the connection."""
+        """A handshake: refuse it if a fault or the attempt limit says so, else serve."""
         self.handshakes += 1
-        refusal = self.faults.handshake_refusal(asyncio.get_running_loop().time())
+        now = asyncio.get_running_loop().time()
+        refusal = self.faults.handshake_refusal(now) or self._over_attempt_limit(now)
         if refusal is not None:
             return _refusal(*refusal)
 
         try:
             opening = parse_url(request.path, request.query)
         except ValueError as exc:
-            return web.json_response({"code": -1100, "msg": str(exc)}, status=400)
+            return _json({"code": -1100, "msg": str(exc)}, status=400)
         if len(opening.streams) > self.config.max_streams:
-            return web.json_response(TooManySubscriptions().reply(), status=400)
+            return _json(TooManySubscriptions().reply(), status=400)
 
         ws = web.WebSocketResponse(
             autoping=False,
@@ -504,13 +507,35 @@ class WsEndpoint:
             max_msg_size=64 * 1024,
         )
         if not ws.can_prepare(request).ok:
-            return web.json_response(
+            return _json(
                 {"code": -1100, "msg": "expected a WebSocket upgrade request"},
                 status=400,
             )
         await ws.prepare(request)
         assert request.transport is not None
         return await self._serve(ws, request, opening)
+
+    def _over_attempt_limit(self, now: float) -> tuple[int, int] | None:
+        """429 once more than ``handshake_limit`` attempts fell in the window.
+
+        Binance allows 300 connection attempts per 5 minutes per IP; what it
+        answers beyond that is not documented, so this is our choice.
+        Refused attempts count too, as they would against an IP.
+        """
+        limit = self.config.handshake_limit
+        if limit is None:
+            return None
+
+        window = self.config.handshake_window
+        attempts = self._attempts
+        attempts.append(now)
+        while attempts[0] <= now - window:
+            attempts.popleft()
+        if len(attempts) <= limit:
+            return None
+
+        log.warning("ws_handshake_limit_exceeded", endpoint=self.index, limit=limit)
+        return 429, math.ceil(attempts[0] + window - now)
 
     async def _serve(
         self, ws: web.WebSocketResponse, request: web.Request, opening: Opening
@@ -564,10 +589,20 @@ class WsEndpoint:
             await asyncio.sleep(0.01)
 
 
+def _json(
+    body: object, status: int, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.json_response(body, status=status, headers=headers, dumps=_compact_json)
+
+
+def _compact_json(body: object) -> str:
+    return json.dumps(body, separators=(",", ":"))
+
+
 def _refusal(status: int, retry_after: int) -> web.Response:
     """The handshake answer of a refusing, rate-limiting or banning endpoint."""
     if status == 503:
-        return web.json_response(
+        return _json(
             {"code": -1008, "msg": "Service unavailable; try again later."},
             status=503,
         )
@@ -575,7 +610,7 @@ def _refusal(status: int, retry_after: int) -> web.Response:
         msg = "Too many connection attempts; back off for Retry-After seconds."
     else:
         msg = "IP banned for too many connection attempts; wait for Retry-After."
-    return web.json_response(
+    return _json(
         {"code": -1003, "msg": msg},
         status=status,
         headers={"Retry-After": str(retry_after)},

@@ -84,7 +84,9 @@ class JsonlSink:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._checkpoints = _read_sidecar(self.sidecar)
-            self._out = open(self.path, "ab")
+            # Unbuffered: after a failed write no stale bytes may linger in a
+            # buffer, to be flushed later behind the truncation.
+            self._out = open(self.path, "ab", buffering=0)
         except OSError as exc:
             raise SinkError(
                 f"cannot open the jsonl sink {self.path} ({exc}); "
@@ -155,8 +157,7 @@ class JsonlSink:
         """Append ``lines`` durably; on failure, cut the file back to where it was."""
         size = out.tell()
         try:
-            out.write(lines)
-            out.flush()
+            _write_all(out, lines)
             if self._fsync:
                 os.fsync(out.fileno())
         except OSError as exc:
@@ -251,6 +252,14 @@ def _read_sidecar(sidecar: Path) -> dict[StreamKey, int]:
     return {
         StreamKey(c.exchange, c.symbol, c.stream): c.last_id for c in stored.checkpoints
     }
+
+
+def _write_all(out: BinaryIO, data: bytes) -> None:
+    """Write all of ``data``: an unbuffered write may take only part of it."""
+    view = memoryview(data)
+    while view:
+        written = out.write(view)
+        view = view[written:]
 
 
 def _fsync_directory(directory: Path) -> None:

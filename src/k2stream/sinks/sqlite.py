@@ -139,7 +139,6 @@ _RETRYABLE_CODES: Final = {
     sqlite3.SQLITE_PROTOCOL: "busy",
     sqlite3.SQLITE_FULL: "unavailable",
     sqlite3.SQLITE_IOERR: "unavailable",
-    sqlite3.SQLITE_CANTOPEN: "unavailable",
 }
 """Primary SQLite result codes that may clear by themselves, and their reason."""
 
@@ -150,7 +149,8 @@ _UNBINDABLE: Final = (
     TypeError,
     ValueError,
 )
-"""What sqlite3 raises for a value it cannot store: a bad trade, not a bad store."""
+"""What sqlite3 raises when it is misused (a value it cannot store, say): a bug,
+not a problem of the store."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +192,9 @@ class SqliteSink:
 
     def open(self) -> dict[StreamKey, int]:
         """Open or create the file, bring its schema up to date, read the checkpoints."""
+        if self._conn is not None:
+            raise SinkError(f"the sqlite store {self.path} is already open")
+
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -250,8 +253,8 @@ class SqliteSink:
                 conn.executemany(_UPSERT_CHECKPOINT, checkpoint_rows)
         except _UNBINDABLE as exc:
             raise SinkError(
-                f"a trade in a batch of {len(trades)} cannot be stored in "
-                f"{self.path} ({exc}); this is a bug in what produced the trade"
+                f"a batch of {len(trades)} trades cannot be stored in {self.path} "
+                f"({exc}); this is a bug in k2stream, please report it with the log"
             ) from exc
         except sqlite3.Error as exc:
             raise self._error(exc, "write") from exc
@@ -409,11 +412,21 @@ def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
     conn.execute("BEGIN IMMEDIATE")
     try:
         yield
+        conn.execute("COMMIT")
     except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
+        _roll_back(conn)
         raise
-    conn.execute("COMMIT")
+
+
+def _roll_back(conn: sqlite3.Connection) -> None:
+    """Undo the open transaction, if any, keeping the error that caused it."""
+    if not conn.in_transaction:
+        return
+
+    try:
+        conn.execute("ROLLBACK")
+    except sqlite3.Error as exc:
+        log.warning("sqlite_rollback_failed", error=str(exc))
 
 
 def _has_tables(conn: sqlite3.Connection) -> bool:
