@@ -22,6 +22,7 @@ import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import cast
 
 import structlog
 
@@ -29,7 +30,7 @@ from k2stream.observe.metrics import Metrics
 from k2stream.records import StreamKey, Trade
 from k2stream.sinks.base import Sink
 from k2stream.sinks.jsonl import JsonlSink
-from k2stream.sinks.sqlite import SqliteSink
+from k2stream.sinks.sqlite import SqliteSink, Synchronous
 from k2stream.sinks.writer import SinkWriter
 
 
@@ -65,7 +66,9 @@ def make_trades(count: int) -> list[Trade]:
 
 def open_sink(kind: str, directory: Path, synchronous: str) -> Sink:
     if kind == "sqlite":
-        return SqliteSink(directory / "trades.db", synchronous=synchronous)  # type: ignore[arg-type]
+        return SqliteSink(
+            directory / "trades.db", synchronous=cast(Synchronous, synchronous)
+        )
     return JsonlSink(directory / "trades.jsonl")
 
 

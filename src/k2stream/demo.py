@@ -87,7 +87,9 @@ async def run_demo(args: argparse.Namespace) -> int:
     if sink == DEMO_SINK:
         _remove_demo_store()
 
-    base = resolve({"symbols": flags.get("symbols")})
+    base = resolve({"symbols": flags.get("symbols"), "log_format": flags.get("log_format")})
+    # Quieter than `run` unless asked: the status line and the summary are the demo's output.
+    configure(base.log_format, args.log_level or "warning")
     specs = symbol_specs(base.symbols, args.rate)
     config = ExchangeConfig(
         symbols=specs, seed=args.seed, ws_ports=(0, 0, 0), lifetime=duration / 3
@@ -166,6 +168,8 @@ async def _drive(
 async def drain(service: Service, exchange: Exchange, within: float) -> None:
     """Wait until every published id has reached the sink, or ``within`` seconds."""
     deadline = time.monotonic() + within
+    await asyncio.sleep(0.5)
+    await service.heal_tail()
     while time.monotonic() < deadline:
         pending = False
         for key in service.sequencer.keys():

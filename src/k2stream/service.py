@@ -351,6 +351,27 @@ class Service:
 
         return fetch
 
+    async def heal_tail(self) -> None:
+        """Ask REST for each sequence's latest id, so trades after the last one streamed are healed too.
+
+        Used when the stream stops for good (the demo's drain): a gap is
+        otherwise noticed only when a later id arrives.
+        """
+        for key in self.sequencer.keys():
+            rest = self.rests.get(key.exchange)
+            if rest is None:
+                continue
+            try:
+                if key.stream == AGG_TRADE:
+                    latest = [a.id for a in await rest.agg_trades(key.symbol, None, 1)]
+                else:
+                    latest = [t.id for t in await rest.recent_trades(key.symbol, 1)]
+            except RestError as exc:
+                log.warning("tail_check_failed", key=str(key), error=str(exc))
+                continue
+            if latest:
+                self.sequencer.expect_until(key, latest[-1])
+
     def _on_healed(self, key: StreamKey) -> None:
         self.metrics.gaps_healed.labels(key.symbol, key.stream).inc()
         if self.backfiller is not None:

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from k2stream.clock import FakeClock
@@ -52,8 +53,18 @@ def read_trades(path: Path) -> list[Trade]:
             "source, endpoint, received_us, first_trade_id, last_trade_id "
             "FROM trades ORDER BY exchange, symbol, stream, id"
         ).fetchall()
+    fields = Trade.__struct_fields__
     return [
-        Trade(*row[:8], bool(row[8]), bool(row[9]), *row[10:])  # type: ignore[misc]
+        msgspec.convert(
+            dict(
+                zip(
+                    fields,
+                    (*row[:8], bool(row[8]), bool(row[9]), *row[10:]),
+                    strict=True,
+                )
+            ),
+            Trade,
+        )
         for row in rows
     ]
 

@@ -247,8 +247,7 @@ class TestOutage:
     async def test_a_locked_store_buffers_then_refuses_and_loses_nothing(
         self, writer: SinkWriter, feed: Feed, path: Path, metrics: Metrics
     ) -> None:
-        """While locked: nothing acknowledged, backlog capped, refusals counted;
-        after: everything accepted is stored."""
+        """A locked store acknowledges nothing, caps the backlog, then stores it all."""
         with structlog.testing.capture_logs() as logs:
             with write_lock(path):
                 feed.offer(writer, range(1, 101))

@@ -23,9 +23,9 @@ class TestParseSinkUrl:
         """sqlite:///data/trades.db names the relative path data/trades.db."""
         parsed = parse_sink_url("sqlite:///data/trades.db")
 
-        assert SinkUrl(
-            "sqlite", Path("data/trades.db"), "sqlite:///data/trades.db"
-        ) == (parsed)
+        expected = SinkUrl("sqlite", Path("data/trades.db"), "sqlite:///data/trades.db")
+        assert expected == parsed
+        assert parsed.path is not None
         assert not parsed.path.is_absolute()
 
     def test_four_slashes_make_an_absolute_path(self) -> None:

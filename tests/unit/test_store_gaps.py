@@ -179,3 +179,11 @@ class TestReadOnly:
 
         with pytest.raises(ValueError, match="not a k2stream store"):
             store.missing_ranges(path)
+
+    def test_a_file_that_is_not_a_database_is_refused(self, tmp_path: Path) -> None:
+        """Garbage at the path raises ValueError, not a raw sqlite3 error."""
+        path = tmp_path / "garbage.db"
+        path.write_bytes(b"not a database at all" * 100)
+
+        with pytest.raises(ValueError, match="not a k2stream store"):
+            store.counts(path)

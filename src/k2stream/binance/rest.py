@@ -172,15 +172,18 @@ class BinanceRest:
         return _trades.decode(await self._get("/api/v3/historicalTrades", params))
 
     async def agg_trades(
-        self, symbol: str, from_id: int, limit: int
+        self, symbol: str, from_id: int | None, limit: int
     ) -> list[RestAggTrade]:
-        """Aggregate trades with ids from ``from_id`` upwards, oldest first."""
-        params = {
-            "symbol": symbol,
-            "fromId": str(from_id),
-            "limit": str(min(limit, MAX_LIMIT)),
-        }
+        """Aggregate trades from ``from_id`` upwards (the latest when None), oldest first."""
+        params = {"symbol": symbol, "limit": str(min(limit, MAX_LIMIT))}
+        if from_id is not None:
+            params["fromId"] = str(from_id)
         return _agg_trades.decode(await self._get("/api/v3/aggTrades", params))
+
+    async def recent_trades(self, symbol: str, limit: int) -> list[RestTrade]:
+        """The latest ``limit`` trades, oldest first."""
+        params = {"symbol": symbol, "limit": str(min(limit, MAX_LIMIT))}
+        return _trades.decode(await self._get("/api/v3/trades", params))
 
     async def _get(self, path: str, params: dict[str, str]) -> bytes:
         await self._reserve(WEIGHTS[path])

@@ -78,6 +78,7 @@ class Exchange:
         if self._started:
             return
         self._started = True
+        self.ws_urls = []
 
         try:
             for endpoint, port in zip(
@@ -124,7 +125,6 @@ class Exchange:
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners.clear()
-        self._hub.close()
         log.info("exchange_stopped")
 
     async def __aenter__(self) -> Exchange:

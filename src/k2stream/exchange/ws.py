@@ -37,6 +37,7 @@ from k2stream.exchange.frames import (
     agg_trade_frames,
     batch,
     garbage_frames,
+    prepare,
     server_shutdown_frame,
     trade_frames,
 )
@@ -417,9 +418,9 @@ class Hub:
     """Who listens to which stream, and the fan-out of each market tick."""
 
     def __init__(self, market: Market) -> None:
-        self._market = market
         self._listeners: dict[tuple[str, str], set[Connection]] = {}
         market.add_listener(self.on_tick)
+        prepare()
 
     def add(self, connection: Connection, ref: StreamRef) -> None:
         self._listeners.setdefault((ref.symbol, ref.stream), set()).add(connection)
@@ -432,9 +433,6 @@ class Hub:
     def drop(self, connection: Connection) -> None:
         for ref in connection.subscriptions.values():
             self.discard(connection, ref)
-
-    def close(self) -> None:
-        self._market.remove_listener(self.on_tick)
 
     def on_tick(self, slices: list[TapeSlice]) -> None:
         """Encode each stream's new events once per variant; hand them to listeners."""

@@ -71,6 +71,21 @@ class Sequencer:
 
         return self._fill(key, sequence, id_)
 
+    def expect_until(self, key: StreamKey, last_id: int) -> None:
+        """Ids up to ``last_id`` exist (the venue says so): what was not seen becomes a gap.
+
+        A gap is otherwise noticed only when a later id arrives; this closes
+        the tail when no later id will come (the stream stopped, shutdown).
+        """
+        sequence = self._sequences.get(key)
+        if sequence is None or sequence.next_id is None or last_id < sequence.next_id:
+            return
+        first = sequence.next_id
+        sequence.gaps.append([first, last_id])
+        sequence.next_id = last_id + 1
+        if self._on_gap is not None:
+            self._on_gap(key, first, last_id)
+
     def fill(self, key: StreamKey, id_: int) -> bool:
         """Record a backfilled id; True only if it fills a gap."""
         sequence = self._sequences.get(key)

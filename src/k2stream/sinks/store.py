@@ -107,8 +107,12 @@ def _reader(path: str | os.PathLike[str]) -> Iterator[sqlite3.Connection]:
 
     uri = f"{file.resolve().as_uri()}?mode=ro"
     with closing(sqlite3.connect(uri, uri=True)) as conn:
-        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
-        if not {"trades", "checkpoints", "gaps"} <= tables:
+        try:
+            rows = conn.execute("SELECT name FROM sqlite_master").fetchall()
+        except sqlite3.DatabaseError as exc:
+            raise ValueError(f"{file} is not a k2stream store ({exc})") from exc
+
+        if not {"trades", "checkpoints", "gaps"} <= {name for (name,) in rows}:
             raise ValueError(f"{file} is not a k2stream store (no trades table)")
         yield conn
 
