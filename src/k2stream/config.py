@@ -394,6 +394,23 @@ _ROWS: list[tuple[str, Any, Callable[[str], Any], str, str, str]] = [
         "How long a SQLite write waits for another process's lock before it is retried later.",
     ),
     (
+        "redundancy",
+        1,
+        _positive_count,
+        "K2_REDUNDANCY",
+        "a whole number >= 1",
+        "Connections per stream group, each on a different endpoint, merged by id: "
+        "losing one costs no time and needs no backfill.",
+    ),
+    (
+        "streams_per_connection",
+        1024,
+        _positive_count,
+        "K2_STREAMS_PER_CONNECTION",
+        "a whole number from 1 to 1024",
+        "Most streams on one connection (Binance allows 1024); more are split across connections.",
+    ),
+    (
         "shard",
         (0, 1),
         _shard,
@@ -561,5 +578,10 @@ def _check(values: dict[str, Any]) -> None:
         )
     if not values["endpoint"]:
         raise ConfigError("--endpoint: at least one endpoint is needed")
+    if values["streams_per_connection"] > 1024:
+        raise ConfigError(
+            f"--streams-per-connection: {values['streams_per_connection']} is over "
+            "Binance's 1024 streams per connection"
+        )
     values["symbols"] = list(dict.fromkeys(values["symbols"]))
     values["streams"] = list(dict.fromkeys(values["streams"]))

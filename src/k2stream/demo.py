@@ -87,7 +87,9 @@ async def run_demo(args: argparse.Namespace) -> int:
     if sink == DEMO_SINK:
         _remove_demo_store()
 
-    base = resolve({"symbols": flags.get("symbols"), "log_format": flags.get("log_format")})
+    base = resolve(
+        {"symbols": flags.get("symbols"), "log_format": flags.get("log_format")}
+    )
     # Quieter than `run` unless asked: the status line and the summary are the demo's output.
     configure(base.log_format, args.log_level or "warning")
     specs = symbol_specs(base.symbols, args.rate)

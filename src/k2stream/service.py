@@ -14,7 +14,7 @@ import contextlib
 import random
 import signal
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import aiohttp
@@ -29,7 +29,7 @@ from k2stream.clock import SYSTEM_CLOCK, Clock
 from k2stream.config import Settings
 from k2stream.feed.backfill import Backfiller, FetchError, LostRange
 from k2stream.feed.breaker import Breaker, BreakerState
-from k2stream.feed.budget import WeightBudget
+from k2stream.feed.budget import AttemptBudget, WeightBudget
 from k2stream.feed.endpoints import Endpoint
 from k2stream.feed.pipeline import Pipeline
 from k2stream.feed.sequencer import Sequencer
@@ -74,6 +74,8 @@ class Service:
         self.started = asyncio.Event()
         self.stopped = False
         self.supervisor: Supervisor | None = None
+        self.supervisors: list[Supervisor] = []
+        self.groups: list[list[Supervisor]] = []
         self.writer: SinkWriter | None = None
         self.backfiller: Backfiller | None = None
         self.sequencer = Sequencer()
@@ -186,24 +188,8 @@ class Service:
         self.sequencer._on_gap = backfiller.notify
         self.sequencer._on_healed = self._on_healed
 
-        feed = BinanceFeed(
-            self.symbols,
-            settings.streams,
-            normalizers=normalizers,
-            pipeline=pipeline,
-            metrics=self.metrics,
-            reply_timeout=settings.open_timeout,
-        )
-        supervisor = self.supervisor = Supervisor(
-            endpoints,
-            feed,
-            settings.feed(),
-            self.metrics,
-            http=http,
-            clock=self.clock,
-            rng=self.rng,
-            on_flush=pipeline.flush_metrics,
-        )
+        self.supervisors = self._supervisors(endpoints, normalizers, pipeline, http)
+        self.supervisor = self.supervisors[0]
 
         self.probe = ProbeServer(
             self.metrics,
@@ -217,20 +203,100 @@ class Service:
         log.info("metrics_serving", host=settings.metrics_host, port=self.probe.port)
         self.started.set()
 
-        return await self._supervise(supervisor, backfiller, writer)
+        return await self._supervise(self.supervisors, backfiller, writer)
+
+    def _supervisors(
+        self,
+        endpoints: list[Endpoint],
+        normalizers: dict[str, Normalizer],
+        pipeline: Pipeline,
+        http: aiohttp.ClientSession,
+    ) -> list[Supervisor]:
+        """One supervisor per connection: stream groups times redundancy.
+
+        Streams beyond one connection's limit go to further groups; with
+        redundancy, each member of a group starts on a different endpoint
+        and all of them feed the same sequencer, which keeps each id once.
+        """
+        settings = self.settings
+        per_symbol = len(settings.streams)
+        symbols_per_group = max(1, settings.streams_per_connection // per_symbol)
+        groups = [
+            self.symbols[i : i + symbols_per_group]
+            for i in range(0, len(self.symbols), symbols_per_group)
+        ]
+        budget = AttemptBudget(
+            settings.feed().connection_attempts,
+            settings.feed().connection_window,
+            clock=self.clock,
+        )
+
+        supervisors: list[Supervisor] = []
+        self.groups = []
+        for number, symbols in enumerate(groups):
+            feed = BinanceFeed(
+                symbols,
+                settings.streams,
+                normalizers=normalizers,
+                pipeline=pipeline,
+                metrics=self.metrics,
+                reply_timeout=settings.open_timeout,
+            )
+            members: list[Supervisor] = []
+            for member in range(settings.redundancy):
+                shift = member % len(endpoints)
+                supervisor = Supervisor(
+                    endpoints[shift:] + endpoints[:shift],
+                    feed,
+                    settings.feed(),
+                    self.metrics,
+                    http=http,
+                    clock=self.clock,
+                    rng=self.rng,
+                    on_flush=pipeline.flush_metrics,
+                    on_state=self._on_connection_state,
+                    budget=budget,
+                    siblings=_siblings_of(members, member),
+                    name=f"group{number}.{member}",
+                )
+                members.append(supervisor)
+            self.groups.append(members)
+            supervisors += members
+        return supervisors
+
+    def _on_connection_state(self) -> None:
+        """Export the connection state of all supervisors as the operators' gauges."""
+        groups = self.groups
+        connected = bool(groups) and all(any(s.link for s in group) for group in groups)
+        self.metrics.connection_status.set(1 if connected else 0)
+        self.metrics.failover_active.set(
+            1
+            if any(
+                group[0].link is not None and not group[0].on_preferred
+                for group in groups
+            )
+            else 0
+        )
+        us = any(
+            s.link is not None and s.link.endpoint.venue == BINANCE_US
+            for s in self.supervisors
+        )
+        self.metrics.binanceus_active.set(1 if us else 0)
+        if not any(s.link for s in self.supervisors):
+            self.metrics.connection_age.set(0)
 
     async def _supervise(
-        self, supervisor: Supervisor, backfiller: Backfiller, writer: SinkWriter
+        self, supervisors: list[Supervisor], backfiller: Backfiller, writer: SinkWriter
     ) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self._on_signal, sig)
 
-        feed_task = asyncio.create_task(supervisor.run(), name="supervisor")
+        feed_tasks = [asyncio.create_task(s.run(), name=s.name) for s in supervisors]
         backfill_task = asyncio.create_task(backfiller.run(), name="backfill")
         stop_task = asyncio.create_task(self._stop.wait(), name="stop")
-        waiting: set[asyncio.Task[Any]] = {feed_task, stop_task, backfill_task}
+        waiting: set[asyncio.Task[Any]] = {*feed_tasks, stop_task, backfill_task}
         duration = self.settings.duration
         try:
             async with asyncio.timeout(duration if duration > 0 else None):
@@ -243,19 +309,21 @@ class Service:
 
         try:
             # Stop reading first, then drain what was accepted, then close the sink.
-            supervisor.stop()
-            await asyncio.wait({feed_task}, timeout=3.0)
+            for supervisor in supervisors:
+                supervisor.stop()
+            await asyncio.wait(feed_tasks, timeout=3.0)
             backfill_task.cancel()
             await writer.close()
             for task in done:
                 task.result()
-            if feed_task.done() and not feed_task.cancelled():
-                feed_task.result()
+            for task in feed_tasks:
+                if task.done() and not task.cancelled():
+                    task.result()
         finally:
-            for task in (feed_task, backfill_task, stop_task):
+            for task in (*feed_tasks, backfill_task, stop_task):
                 task.cancel()
             await asyncio.gather(
-                feed_task, backfill_task, stop_task, return_exceptions=True
+                *feed_tasks, backfill_task, stop_task, return_exceptions=True
             )
             for sig in (signal.SIGINT, signal.SIGTERM):
                 with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -397,8 +465,9 @@ class Service:
         return None
 
     def _ready(self) -> str | None:
-        supervisor = self.supervisor
-        if supervisor is None or supervisor.link is None:
+        if not self.groups or not all(
+            any(s.link for s in group) for group in self.groups
+        ):
             return "not connected"
         ages = [
             self.clock.time() - value
@@ -412,6 +481,21 @@ class Service:
         if self.writer is not None and not self.writer.available:
             return "sink unavailable"
         return None
+
+
+def _siblings_of(
+    members: list[Supervisor], member: int
+) -> Callable[[], list[Endpoint | None]]:
+    """The endpoints the other members of a redundant group are on."""
+
+    def siblings() -> list[Endpoint | None]:
+        return [
+            other.link.endpoint if other.link is not None else None
+            for index, other in enumerate(members)
+            if index != member
+        ]
+
+    return siblings
 
 
 def _gauge_values(gauge: Any) -> list[float]:

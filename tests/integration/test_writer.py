@@ -383,6 +383,17 @@ class TestFatal:
             await writer.close()
         assert {} == store.counts(path)
 
+    async def test_a_store_that_cannot_be_opened_fails_start(
+        self, tmp_path: Path
+    ) -> None:
+        """A path that cannot hold a store (a directory) makes start raise SinkError."""
+        writer = SinkWriter(SqliteSink(tmp_path), Metrics(), checkpoints=dict)
+
+        with pytest.raises(SinkError, match="choose another --sink path"):
+            await writer.start()
+
+        assert not writer.offer(trade(1))
+
 
 class TestConfiguration:
     def test_nonsensical_settings_are_refused(self, path: Path) -> None:

@@ -39,4 +39,3 @@ class FeedSettings:
     """How long old and new connections both read after a switch."""
     connection_attempts: int = 300
     connection_window: float = 300.0
-    redundancy: int = 1

@@ -108,6 +108,10 @@ class Supervisor:
         clock: Clock = SYSTEM_CLOCK,
         rng: random.Random | None = None,
         on_flush: Callable[[], None] | None = None,
+        on_state: Callable[[], None] | None = None,
+        budget: AttemptBudget | None = None,
+        siblings: Callable[[], list[Endpoint | None]] | None = None,
+        name: str = "feed",
     ) -> None:
         self.endpoints = list(endpoints)
         self._adapter = adapter
@@ -117,13 +121,16 @@ class Supervisor:
         self._clock = clock
         self._rng = rng or random.Random()
         self._on_flush = on_flush
+        self._on_state = on_state
+        self._siblings = siblings
+        self.name = name
         self._backoff = Backoff(
             initial=settings.reconnect_delay,
             maximum=settings.max_reconnect_delay,
             jitter=settings.reconnect_jitter,
             rng=self._rng,
         )
-        self._budget = AttemptBudget(
+        self._budget = budget or AttemptBudget(
             settings.connection_attempts, settings.connection_window, clock=clock
         )
         self._stopping = asyncio.Event()
@@ -164,9 +171,10 @@ class Supervisor:
         while not self._stopping.is_set():
             errors: list[str] = []
             order = self._usable()
-            if avoid in order and len(order) > 1:
-                order.remove(avoid)
-                order.append(avoid)
+            # Endpoints a redundant sibling is on, and one that just went
+            # silent, are tried last.
+            taken = self._taken()
+            order.sort(key=lambda e: (e in taken, e is avoid))
             avoid = None
             for endpoint in order:
                 link = await self._try(endpoint, errors)
@@ -272,7 +280,9 @@ class Supervisor:
             reader=reader,
             watchdog=watchdog,
             stability=stability,
-            symbol_watchdogs={key: self._symbol_watchdogs[key] for key in session.counts},
+            symbol_watchdogs={
+                key: self._symbol_watchdogs[key] for key in session.counts
+            },
             counts_seen=dict.fromkeys(session.counts, 0),
         )
 
@@ -309,8 +319,14 @@ class Supervisor:
                     if link.session.shutdown_requested:
                         # The server closed right after its notice, before a
                         # replacement could open: reconnect at once.
-                        self._metrics.reconnects.labels(link.endpoint.label, "server_shutdown").inc()
-                        log.info("reconnecting", endpoint=link.endpoint.label, reason="server_shutdown")
+                        self._metrics.reconnects.labels(
+                            link.endpoint.label, "server_shutdown"
+                        ).inc()
+                        log.info(
+                            "reconnecting",
+                            endpoint=link.endpoint.label,
+                            reason="server_shutdown",
+                        )
                         return "server_shutdown", True
                     return self._lost(link), link.stable
 
@@ -483,13 +499,17 @@ class Supervisor:
                 break
             await asyncio.sleep(0.02)
         complete = new.session.all_streams_seen()
-        if new.reader.done() or (not complete and (reason == "failback" or not new.connection.frames)):
+        if new.reader.done() or (
+            not complete and (reason == "failback" or not new.connection.frames)
+        ):
             # Traffic only moves to a connection that serves data.
             log.warning(
                 "rotation_failed",
                 reason=reason,
                 endpoint=endpoint.label,
-                error="no data within switch_timeout" if not new.reader.done() else "closed",
+                error="no data within switch_timeout"
+                if not new.reader.done()
+                else "closed",
             )
             endpoint.breaker.record_failure("no data")
             await self._close(new, "abandoned")
@@ -515,32 +535,36 @@ class Supervisor:
             pass
         self._watch(link, self._clock.monotonic())
 
+    @property
+    def on_preferred(self) -> bool:
+        """Whether the live link is on this supervisor's first endpoint."""
+        return self.link is not None and self.link.endpoint is self.endpoints[0]
+
     def _activate(self, link: Link) -> None:
         previous = self.link
         self.link = link
         self.next_attempt_at = None
-        if previous is not None:
+        if previous is not None and previous.endpoint is not link.endpoint:
             self._metrics.endpoint_active.labels(previous.endpoint.label).set(0)
         self._metrics.endpoint_active.labels(link.endpoint.label).set(1)
-        self._metrics.connection_status.set(1)
         self._metrics.reconnect_delay.set(0)
-        self._metrics.failover_active.set(0 if link.endpoint.primary else 1)
-        self._metrics.binanceus_active.set(1 if link.endpoint.venue == BINANCE_US else 0)
-        if not link.endpoint.primary:
+        if self._on_state is not None:
+            self._on_state()
+        if not self.on_preferred:
             log.warning(
                 "failover",
                 endpoint=link.endpoint.label,
                 venue=link.endpoint.venue,
-                primary=self.endpoints[0].label,
-                action=f"the primary is probed every {self._settings.failback_interval} s",
+                preferred=self.endpoints[0].label,
+                action=f"the preferred endpoint is probed every {self._settings.failback_interval} s",
             )
 
     def _deactivate(self) -> None:
         if self.link is not None:
             self._metrics.endpoint_active.labels(self.link.endpoint.label).set(0)
         self.link = None
-        self._metrics.connection_status.set(0)
-        self._metrics.connection_age.set(0)
+        if self._on_state is not None:
+            self._on_state()
 
     def _on_connect_failed(self, endpoint: Endpoint, exc: ConnectError) -> None:
         endpoint.failures += 1
@@ -612,15 +636,24 @@ class Supervisor:
 
     def _best(self, link: Link) -> Endpoint | None:
         """Where a rotation goes: the most preferred usable endpoint, else the current one."""
-        usable = self._usable()
+        taken = self._taken()
+        usable = [e for e in self._usable() if e not in taken]
         return usable[0] if usable else link.endpoint
 
     def _preferred(self, link: Link) -> Endpoint | None:
         """A usable endpoint preferred to the current one, for failback."""
         for endpoint in self._usable():
-            if endpoint.index < link.endpoint.index:
+            if endpoint is link.endpoint:
+                return None
+            if endpoint not in self._taken():
                 return endpoint
         return None
+
+    def _taken(self) -> list[Endpoint]:
+        """Endpoints that sibling supervisors (redundant connections) are on."""
+        return [
+            e for e in (self._siblings() if self._siblings else []) if e is not None
+        ]
 
     async def _wait_for_endpoint(self) -> None:
         now = self._clock.monotonic()

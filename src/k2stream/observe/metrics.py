@@ -62,11 +62,37 @@ RECONNECT_REASONS: Final = (
 )
 
 LAG_BUCKETS: Final = (
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
 )
 LATENCY_BUCKETS: Final = (
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-    1.0, 2.5, 5.0,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
 )
 
 
@@ -85,7 +111,9 @@ class Metrics:
             "Version of k2stream and of the Python running it.",
             registry=r,
         )
-        self.build_info.info({"version": __version__, "python": platform.python_version()})
+        self.build_info.info(
+            {"version": __version__, "python": platform.python_version()}
+        )
 
         # The four series K2 operators already query: names and meaning fixed.
         self.connection_status = Gauge(
@@ -244,7 +272,10 @@ class Metrics:
         self.rest_requests = Counter(
             "k2_binance_rest_requests_total",
             "REST requests by API path and HTTP status class.",
-            ["path", "status"],  # path: /api/v3/...; status: 2xx, 4xx, 429, 418, 5xx, error
+            [
+                "path",
+                "status",
+            ],  # path: /api/v3/...; status: 2xx, 4xx, 429, 418, 5xx, error
             registry=r,
         )
         self.rest_weight_used = Gauge(

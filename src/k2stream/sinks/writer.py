@@ -133,12 +133,20 @@ class SinkWriter:
 
         Returns the checkpoints the sink holds. While the store is
         unavailable (say, locked by another process) opening is retried with
-        the same backoff as writes; a fatal error is raised.
+        the same backoff as writes; a fatal error is raised, and the writer
+        cannot be used after it.
         """
         if self._opened or self._closing:
             raise RuntimeError("a SinkWriter starts once; make a new one")
 
-        checkpoints = await self._open_sink()
+        try:
+            checkpoints = await self._open_sink()
+        except BaseException:
+            # Fatal or cancelled: this writer is done, and so is its thread.
+            self._closing = self._closed = True
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            raise
+
         self._opened = True
         self._durable = dict(checkpoints)
         self._m_available.set(1)
@@ -182,6 +190,11 @@ class SinkWriter:
     def available(self) -> bool:
         """False while writes are failing (and after a fatal error)."""
         return self._available
+
+    @property
+    def failed(self) -> SinkError | None:
+        """The fatal error that stopped the writer, if one did."""
+        return self._fatal
 
     @property
     def durable_checkpoints(self) -> dict[StreamKey, int]:
