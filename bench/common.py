@@ -24,7 +24,9 @@ import logging
 import os
 import platform
 import sys
+import threading
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -144,8 +146,32 @@ def cpu_seconds(pid: int | None = None) -> float:
     """User plus system CPU seconds of ``pid``, every thread included."""
     if pid is None:
         return time.process_time()
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    # After the command name: state is field 3, utime field 14, stime field 15.
+    return _stat_cpu(Path(f"/proc/{pid}/stat"))
+
+
+def thread_cpu_seconds() -> dict[str, float]:
+    """CPU seconds of this process's event loop thread and of its sink thread.
+
+    The two can run at once on two cores, except while one waits for the
+    GIL: what each costs per trade says which one bounds the throughput.
+    """
+    found = {}
+    for thread in threading.enumerate():
+        if thread is threading.main_thread():
+            role = "event_loop"
+        elif thread.name.startswith("k2-sink"):
+            role = "sink"
+        else:
+            continue
+        task = Path(f"/proc/self/task/{thread.native_id}/stat")
+        with contextlib.suppress(OSError):
+            found[role] = found.get(role, 0.0) + _stat_cpu(task)
+    return found
+
+
+def _stat_cpu(stat: Path) -> float:
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    # Counting from the state after the command name, utime and stime are 12th and 13th.
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
@@ -176,6 +202,14 @@ class MarketPlan:
 
 
 _SYMBOLS: Final = ("BTCUSDT", "ETHUSDT", "BNBUSDT", "SOLUSDT")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Burst:
+    """A burst queued in the exchange: how long the market took, and its last ids."""
+
+    seconds: float
+    last: dict[StreamKey, int]
 
 
 class ExchangeProcess:
@@ -274,6 +308,47 @@ class ExchangeProcess:
         async with self._http.get(url) as answer:
             value: int | None = (await answer.json())["last_id"]
             return value
+
+    def queue_burst(self, within: float = 120.0) -> Burst:
+        """Start the market and block this whole process until it stopped itself.
+
+        Blocking is the point: while the event loop cannot run, the client
+        reads nothing and the burst queues up in the exchange's send buffer,
+        to be drained flat out once the loop runs again. The market's own
+        speed then cannot limit what is measured. Needs ``plan.stop_after``.
+        """
+        trades = self.plan.stop_after
+        if trades is None:
+            raise ValueError("queue_burst needs a MarketPlan with stop_after")
+
+        request = urllib.request.Request(self.control_url + "/market/start", method="POST")
+        with urllib.request.urlopen(request, timeout=10):
+            pass
+
+        started = time.monotonic()
+        deadline = started + within
+        while True:
+            ids = [self._last_id_blocking(s) for s in self.plan.symbols]
+            if min(ids) >= trades:
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the market did not reach {trades} trades in {within} s")
+            time.sleep(0.02)
+
+        # The market stopped itself in the tick that reached ``stop_after``:
+        # what it published is final.
+        seconds = time.monotonic() - started
+        last = {
+            StreamKey(BINANCE, s, TRADE): self._last_id_blocking(s)
+            for s in self.plan.symbols
+        }
+        return Burst(seconds, last)
+
+    def _last_id_blocking(self, symbol: str) -> int:
+        url = f"{self.control_url}/truth/{symbol}?stream={TRADE}"
+        with urllib.request.urlopen(url, timeout=10) as answer:
+            value: int | None = json.loads(answer.read())["last_id"]
+            return value or 0
 
     async def set_rates(self, rates: Sequence[float]) -> None:
         """Change the rate of every symbol; the market goes on from its current ids."""

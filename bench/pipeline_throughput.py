@@ -1,24 +1,28 @@
 """End-to-end throughput: bundled exchange -> k2stream -> SQLite, and -> JSONL.
 
-Every phase starts a fresh exchange in a child process (its own core) with
-the market stopped, connects, starts the market and lets it publish a fixed
-number of trades as fast as it can (``--rate`` per symbol, far above what one
-Python client can take in), then stops it. What the client has not read yet
-waits in the exchange's send buffer, so the client runs flat out from the
-first trade to the last: the figure is the client's own ceiling, not the
-market's rate. A phase ends when the last id is durable in the sink; then
-the store is audited for every id (a fast but lossy run is not a result).
+Each phase starts a fresh exchange in a child process (so it has a core of
+its own), connects with the market stopped, then queues a burst: the market
+publishes a fixed number of trades at ``--rate`` per symbol while this
+process is blocked and reads nothing, so the whole burst waits in the
+exchange's send buffer. Then the loop runs again and the client drains the
+burst flat out. The figure is the client's own capacity from the first
+frame read to the last trade made durable; the market's speed cannot limit
+it, and the exchange only flushes its buffer meanwhile (its CPU share is
+reported). ``--live`` instead lets the client read while the market
+publishes, both processes busy at once.
 
 Three phases run on the same market (same seed, same trades):
 
 * raw: an aiohttp client that only receives each frame and decodes it with
-  ``k2stream.binance.messages.decode`` - the ceiling for any Python consumer
-  on this stack;
+  ``k2stream.binance.messages.decode``: the ceiling for any consumer in
+  Python on this stack;
 * sqlite and jsonl: the whole service (``k2stream.service.Service``) in this
-  process, with production settings.
+  process with production settings, until the last id is durable.
 
-CPU per trade is this process's CPU time (event loop and sink thread) over
-the phase divided by the trades. Run from the repository root::
+Every phase ends with an audit: every id from 1 to the market's last stored
+exactly once (a fast but lossy run is not a result). CPU per trade is this
+process's CPU time over the phase (event loop and sink thread) divided by the
+trades, also given per thread. Run from the repository root::
 
     PYTHONPATH=src .venv/bin/python bench/pipeline_throughput.py
     PYTHONPATH=src .venv/bin/python bench/pipeline_throughput.py --trades 200000 --json out.json
@@ -28,8 +32,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -50,34 +56,74 @@ from common import (
     report,
     running_service,
     service_settings,
+    thread_cpu_seconds,
     until,
     wait_connected,
 )
 from k2stream.binance.messages import Envelope, TradeEvent, decode
 from k2stream.binance.streams import combined_url, names_for
-from k2stream.records import TRADE
+from k2stream.records import TRADE, StreamKey
+from k2stream.service import Service
 
 
-async def raw_phase(plan: MarketPlan) -> dict[str, Any]:
+class Window:
+    """Wall and CPU time of one measured stretch, for this process and the exchange."""
+
+    def __init__(self, exchange: ExchangeProcess) -> None:
+        self._exchange = exchange
+        self._wall = time.perf_counter()
+        self._cpu = time.process_time()
+        self._threads = thread_cpu_seconds()
+        self._exchange_cpu = exchange.cpu_seconds()
+
+    def close(self, trades: int) -> dict[str, Any]:
+        wall = time.perf_counter() - self._wall
+        cpu = time.process_time() - self._cpu
+        threads = thread_cpu_seconds()
+        per_thread = {
+            f"{role}_cpu_us_per_trade": (seconds - self._threads.get(role, 0.0))
+            / trades
+            * 1e6
+            for role, seconds in threads.items()
+        }
+        return {
+            "trades": trades,
+            "seconds": wall,
+            "trades_per_second": trades / wall,
+            "cpu_us_per_trade": cpu / trades * 1e6,
+            **per_thread,
+            "exchange_cpu_share": (self._exchange.cpu_seconds() - self._exchange_cpu)
+            / wall,
+            "load_average_1m": os.getloadavg()[0],
+        }
+
+
+async def raw_phase(plan: MarketPlan, live: bool) -> dict[str, Any]:
     """Receive and decode every frame, nothing more: the ceiling."""
+    url_names = names_for(plan.symbols, [TRADE])
     async with (
         ExchangeProcess(plan) as exchange,
         aiohttp.ClientSession() as http,
         http.ws_connect(
-            combined_url(exchange.ws_urls[0], names_for(plan.symbols, [TRADE])),
+            combined_url(exchange.ws_urls[0], url_names),
             compress=0,
             max_msg_size=4 * 1024 * 1024,
             decode_text=False,
         ) as ws,
     ):
+        generated_in = None
+        if live:
+            window = Window(exchange)
+            await exchange.start_market()
+            last = None
+        else:
+            burst = exchange.queue_burst()
+            generated_in, last = burst.seconds, _by_symbol(burst.last)
+            window = Window(exchange)
+
+        wanted = plan.stop_after or 0
         newest = dict.fromkeys(plan.symbols, 0)
         gaps = 0
-        wanted = plan.stop_after or 0
-        final: dict[str, int] | None = None
-        watch = _ExchangeWatch(exchange, wanted)
-
-        started, cpu_started, exchange_cpu = _mark(exchange)
-        await exchange.start_market()
         async for message in ws:
             event = decode(message.data)
             if type(event) is not Envelope or type(event.data) is not TradeEvent:
@@ -87,172 +133,172 @@ async def raw_phase(plan: MarketPlan) -> dict[str, Any]:
                 gaps += 1
             newest[trade.symbol] = trade.id
 
-            if final is None and min(newest.values()) >= wanted:
-                final = {k.symbol: v for k, v in (await final_ids(exchange)).items()}
-            if final is not None and newest == final:
+            if last is None and min(newest.values()) >= wanted:
+                last = _by_symbol(await final_ids(exchange))
+            if newest == last:
                 break
-        elapsed = time.perf_counter() - started
-        cpu = time.process_time() - cpu_started
-        exchange_cpu = exchange.cpu_seconds() - exchange_cpu
-        generated_in = await watch.finish()
+        result = window.close(sum(newest.values()))
 
-    trades = sum(newest.values())
-    return {
-        "trades": trades,
-        "seconds": elapsed,
-        "trades_per_second": trades / elapsed,
-        "cpu_us_per_trade": cpu / trades * 1e6,
-        "exchange_cpu_share": exchange_cpu / elapsed,
-        "exchange_generated_in_seconds": generated_in,
-        "missing": gaps,
-    }
+    return {**result, "exchange_generated_in_seconds": generated_in, "missing": gaps}
 
 
-async def service_phase(plan: MarketPlan, sink: str, path: Path) -> dict[str, Any]:
-    """The whole service, from the first trade published to the last made durable."""
+async def service_phase(
+    plan: MarketPlan, sink: str, path: Path, live: bool
+) -> dict[str, Any]:
+    """The whole service, from the first frame read to the last trade made durable."""
     async with ExchangeProcess(plan) as exchange:
         settings = service_settings(exchange, sink)
         async with running_service(settings) as service:
             await wait_connected(service)
             keys = keys_of(exchange)
-            wanted = plan.stop_after or 0
-            watch = _ExchangeWatch(exchange, wanted)
+            generated_in = None
+            if live:
+                window = Window(exchange)
+                await exchange.start_market()
+                wanted = plan.stop_after or 0
+                await until(
+                    lambda: all(_received(service, k) >= wanted for k in keys),
+                    within=600,
+                    what=f"{wanted} trades per symbol received",
+                    poll=0.005,
+                )
+                last = await final_ids(exchange)
+            else:
+                burst = exchange.queue_burst()
+                generated_in, last = burst.seconds, burst.last
+                window = Window(exchange)
 
-            started, cpu_started, exchange_cpu = _mark(exchange)
-            await exchange.start_market()
-            await until(
-                lambda: all(durable(service, k) >= wanted for k in keys),
-                within=600,
-                what=f"{wanted} trades per symbol made durable",
-                poll=0.005,
-            )
-            last = await final_ids(exchange)
-            await until(
-                lambda: all(durable(service, k) >= last[k] for k in keys),
-                within=60,
-                what="the last trades made durable",
-                poll=0.005,
-            )
-            elapsed = time.perf_counter() - started
-            cpu = time.process_time() - cpu_started
-            exchange_cpu = exchange.cpu_seconds() - exchange_cpu
-            generated_in = await watch.finish()
+            received_in = await _drain(service, last)
+            result = window.close(sum(last.values()))
 
             metrics = service.metrics
-            reconnects = counter_total(metrics.reconnects)
-            backfilled = counter_total(metrics.backfilled)
-            dropped = counter_total(metrics.sink_dropped)
+            counts = {
+                "reconnects": counter_total(metrics.reconnects),
+                "backfilled": counter_total(metrics.backfilled),
+                "sink_refused": counter_total(metrics.sink_dropped),
+            }
 
-    audit = audit_sqlite(path, last) if sink.startswith("sqlite") else audit_jsonl(path, last)
-    trades = sum(last.values())
+    if sink.startswith("sqlite"):
+        audit = audit_sqlite(path, last)
+    else:
+        audit = audit_jsonl(path, last)
     return {
         "sink": sink.partition(":")[0],
-        "trades": trades,
-        "seconds": elapsed,
-        "trades_per_second": trades / elapsed,
-        "cpu_us_per_trade": cpu / trades * 1e6,
-        "exchange_cpu_share": exchange_cpu / elapsed,
+        **result,
+        "all_received_after_seconds": received_in,
         "exchange_generated_in_seconds": generated_in,
-        "reconnects": reconnects,
-        "backfilled": backfilled,
-        "sink_refused": dropped,
+        **counts,
         **audit,
     }
 
 
-class _ExchangeWatch:
-    """Notes when the market has published everything: proof it was not the bottleneck."""
-
-    def __init__(self, exchange: ExchangeProcess, wanted: int) -> None:
-        self._exchange = exchange
-        self._wanted = wanted
-        self._started = time.perf_counter()
-        self._task = asyncio.create_task(self._watch())
-
-    async def _watch(self) -> float:
-        symbols = self._exchange.plan.symbols
-        self._started = time.perf_counter()
-        while True:
-            ids = [await self._exchange.last_id(s) or 0 for s in symbols]
-            if min(ids) >= self._wanted:
-                return time.perf_counter() - self._started
-            await asyncio.sleep(0.05)
-
-    async def finish(self) -> float | None:
-        if not self._task.done():
-            self._task.cancel()
-        try:
-            return await self._task
-        except asyncio.CancelledError:
-            return None
+async def _drain(service: Service, last: Mapping[StreamKey, int]) -> float:
+    """Wait until the last ids are durable; returns when they had all been received."""
+    started = time.perf_counter()
+    received_at = None
+    while not all(durable(service, key) >= last_id for key, last_id in last.items()):
+        if received_at is None and all(
+            _received(service, key) >= last_id for key, last_id in last.items()
+        ):
+            received_at = time.perf_counter()
+        if time.perf_counter() - started > 600:
+            raise TimeoutError("the burst was not durable within 600 s")
+        await asyncio.sleep(0.005)
+    return (received_at or time.perf_counter()) - started
 
 
-def _mark(exchange: ExchangeProcess) -> tuple[float, float, float]:
-    return time.perf_counter(), time.process_time(), exchange.cpu_seconds()
+def _received(service: Service, key: StreamKey) -> int:
+    return service.sequencer.last_id(key) or 0
 
 
-def _summary(phases: dict[str, dict[str, Any]]) -> str:
+def _by_symbol(last: Mapping[StreamKey, int]) -> dict[str, int]:
+    return {key.symbol: last_id for key, last_id in last.items()}
+
+
+def _summary(phases: Mapping[str, Mapping[str, Any]]) -> str:
     raw = phases.get("raw")
     parts = []
     for name in ("sqlite", "jsonl"):
         phase = phases.get(name)
         if phase is None:
             continue
-        ratio = f", {phase['trades_per_second'] / raw['trades_per_second']:.2f} of raw" if raw else ""
-        complete = "complete" if phase["missing"] == 0 and phase["rows"] == phase["expected"] else (
-            f"INCOMPLETE: {phase['missing']} missing, {phase['rows']} rows for {phase['expected']}"
+        ratio = ""
+        if raw:
+            ratio = f", {phase['trades_per_second'] / raw['trades_per_second']:.2f} of raw"
+        complete = phase["missing"] == 0 and phase["rows"] == phase["expected"]
+        verdict = "complete" if complete else (
+            f"INCOMPLETE: {phase['missing']} missing, "
+            f"{phase['rows']} rows for {phase['expected']}"
         )
         parts.append(
             f"{name} {phase['trades_per_second']:,.0f} trades/s "
-            f"({phase['cpu_us_per_trade']:.1f} us CPU/trade{ratio}, {complete})"
+            f"({phase['cpu_us_per_trade']:.1f} us CPU/trade{ratio}, {verdict})"
         )
     if raw:
+        verdict = "no gap" if raw["missing"] == 0 else f"{raw['missing']} GAPS"
         parts.append(
             f"raw receive+decode {raw['trades_per_second']:,.0f} trades/s "
-            f"({raw['cpu_us_per_trade']:.1f} us CPU/trade)"
+            f"({raw['cpu_us_per_trade']:.1f} us CPU/trade, {verdict})"
         )
     trades = max(p["trades"] for p in phases.values())
     return f"{trades:,} trades; " + "; ".join(parts)
 
 
 async def run(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    rates = tuple([args.rate] * args.symbols)
     plan = MarketPlan(
-        rates=rates,
+        rates=tuple([args.rate] * args.symbols),
         tick=args.tick,
         start_stopped=True,
         stop_after=args.trades // args.symbols,
     )
+    mode = "live" if args.live else "queued burst"
     phases: dict[str, dict[str, Any]] = {}
     for name in args.phases:
-        progress(f"phase {name}: {plan.stop_after:,} trades x {args.symbols} symbols")
+        progress(
+            f"phase {name} ({mode}): {plan.stop_after:,} trades x {args.symbols} symbol(s)"
+        )
         if name == "raw":
-            phases[name] = await raw_phase(plan)
+            phases[name] = await raw_phase(plan, args.live)
         else:
             with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-                path = Path(tmp) / ("trades.db" if name == "sqlite" else "trades.jsonl")
-                phases[name] = await service_phase(plan, f"{name}:///{path}", path)
-        progress(f"  {phases[name]}")
+                file = "trades.db" if name == "sqlite" else "trades.jsonl"
+                path = Path(tmp) / file
+                phases[name] = await service_phase(
+                    plan, f"{name}:///{path}", path, args.live
+                )
+        progress("  " + ", ".join(f"{k}={_short(v)}" for k, v in phases[name].items()))
     return phases
+
+
+def _short(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trades", type=int, default=1_000_000, help="trades in total")
+    parser.add_argument("--trades", type=int, default=1_000_000, help="trades in all")
     parser.add_argument("--symbols", type=int, default=1, choices=(1, 2, 3, 4))
     parser.add_argument(
         "--rate", type=float, default=400_000.0, help="trades/s offered per symbol"
     )
     parser.add_argument("--tick", type=float, default=0.01, help="market step, s")
     parser.add_argument(
+        "--live",
+        action="store_true",
+        help="read while the market publishes instead of draining a queued burst",
+    )
+    parser.add_argument(
         "--phases",
-        type=lambda text: text.split(","),
+        type=lambda text: [p for p in text.split(",") if p],
         default=["raw", "sqlite", "jsonl"],
-        help="comma-separated: raw, sqlite, jsonl",
+        help="comma-separated, from raw, sqlite, jsonl",
     )
     parser.add_argument("--dir", type=Path, default=None, help="where the stores go")
     add_json_option(parser)
     args = parser.parse_args()
+    unknown = set(args.phases) - {"raw", "sqlite", "jsonl"}
+    if unknown:
+        parser.error(f"unknown phase(s) {sorted(unknown)}; use raw, sqlite, jsonl")
 
     quiet_logs()
     phases = asyncio.run(run(args))

@@ -91,7 +91,9 @@ async def start_service() -> AsyncIterator[Callable[..., Any]]:
         service = Service(settings)
         task = asyncio.create_task(service.run())
         started = asyncio.create_task(service.started.wait())
-        await asyncio.wait({task, started}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(
+            {task, started}, timeout=10, return_when=asyncio.FIRST_COMPLETED
+        )
         started.cancel()
         if task.done():
             raise AssertionError(f"the service exited at start with {task.result()}")
@@ -106,16 +108,22 @@ async def start_service() -> AsyncIterator[Callable[..., Any]]:
             await asyncio.wait({run.task}, timeout=10)
 
 
-async def wait_for(condition: Callable[[], bool], within: float = 10.0, what: str = "") -> None:
+async def wait_for(
+    condition: Callable[[], bool], within: float = 10.0, what: str = ""
+) -> None:
     """Poll ``condition`` until it holds; fail naming ``what`` otherwise."""
     deadline = asyncio.get_running_loop().time() + within
     while not condition():
         if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out after {within} s waiting for {what or condition}")
+            raise AssertionError(
+                f"timed out after {within} s waiting for {what or condition}"
+            )
         await asyncio.sleep(0.05)
 
 
-def assert_complete(exchange: Exchange, db: Path, streams: tuple[str, ...] = ("trade",)) -> dict[str, int]:
+def assert_complete(
+    exchange: Exchange, db: Path, streams: tuple[str, ...] = ("trade",)
+) -> dict[str, int]:
     """Every id from the first stored to the market's last is stored exactly once."""
     stored = counts(db)
     totals = {}

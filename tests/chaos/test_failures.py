@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 
-
 from conftest import assert_complete, exchange_config, settings_for, wait_for
 from k2stream.exchange import Exchange
 
@@ -22,7 +21,9 @@ def value(service, name: str, **labels: str) -> float:
 async def flowing(run, more: int = 300) -> None:
     """Wait until ``more`` trades beyond the current count have been delivered."""
     target = run.service.delivered + more
-    await wait_for(lambda: run.service.delivered >= target, within=15, what=f"{more} more trades")
+    await wait_for(
+        lambda: run.service.delivered >= target, within=15, what=f"{more} more trades"
+    )
 
 
 async def test_kill_reconnects_and_heals(exchange, start_service, tmp_path):
@@ -38,10 +39,17 @@ async def test_kill_reconnects_and_heals(exchange, start_service, tmp_path):
 
     assert 0 == await run.stop(exchange)
     assert_complete(exchange, db)
-    assert 2 <= value(run.service, "k2_binance_reconnects_total", endpoint=_label(exchange, 0), reason="connection_lost")
+    assert 2 <= value(
+        run.service,
+        "k2_binance_reconnects_total",
+        endpoint=_label(exchange, 0),
+        reason="connection_lost",
+    )
 
 
-async def test_failover_while_the_primary_refuses_then_failback(exchange, start_service, tmp_path):
+async def test_failover_while_the_primary_refuses_then_failback(
+    exchange, start_service, tmp_path
+):
     """The primary refuses longer than the maximum delay: traffic fails over, then returns."""
     db = tmp_path / "t.db"
     run = await start_service(settings_for(exchange, db, failure_threshold="2"))
@@ -50,11 +58,18 @@ async def test_failover_while_the_primary_refuses_then_failback(exchange, start_
     exchange.faults.refuse(4.0, endpoint=0)
     exchange.faults.kill(endpoint=0)
     supervisor = run.service.supervisor
-    await wait_for(lambda: supervisor.link is not None and supervisor.link.endpoint.index == 1, what="failover")
+    await wait_for(
+        lambda: supervisor.link is not None and supervisor.link.endpoint.index == 1,
+        what="failover",
+    )
     await flowing(run)
     assert 1 == value(run.service, "k2_binance_failover_active")
 
-    await wait_for(lambda: supervisor.link is not None and supervisor.link.endpoint.index == 0, within=15, what="failback")
+    await wait_for(
+        lambda: supervisor.link is not None and supervisor.link.endpoint.index == 0,
+        within=15,
+        what="failback",
+    )
     await flowing(run)
     assert 0 == value(run.service, "k2_binance_failover_active")
 
@@ -71,8 +86,15 @@ async def test_stall_is_noticed_and_healed(exchange, start_service, tmp_path):
 
     exchange.faults.stall(3.0, endpoint=0)
     await wait_for(
-        lambda: value(run.service, "k2_binance_stale_detections_total", reason="data_timeout")
-        + value(run.service, "k2_binance_stale_detections_total", reason="heartbeat") >= 1,
+        lambda: (
+            value(
+                run.service, "k2_binance_stale_detections_total", reason="data_timeout"
+            )
+            + value(
+                run.service, "k2_binance_stale_detections_total", reason="heartbeat"
+            )
+            >= 1
+        ),
         what="stale detection",
     )
     await flowing(run)
@@ -81,10 +103,17 @@ async def test_stall_is_noticed_and_healed(exchange, start_service, tmp_path):
     assert_complete(exchange, db)
 
 
-async def test_freeze_is_declared_stale_within_seconds_with_default_settings(exchange, start_service, tmp_path):
+async def test_freeze_is_declared_stale_within_seconds_with_default_settings(
+    exchange, start_service, tmp_path
+):
     """A busy connection that goes silent (pings still answered) is replaced in under 5 s."""
     db = tmp_path / "t.db"
-    defaults = {"health_check_interval": "30", "health_check_timeout": "60", "heartbeat_interval": "30", "heartbeat_timeout": "10"}
+    defaults = {
+        "health_check_interval": "30",
+        "health_check_timeout": "60",
+        "heartbeat_interval": "30",
+        "heartbeat_timeout": "10",
+    }
     run = await start_service(settings_for(exchange, db, **defaults))
     await flowing(run, 1500)
     loop = asyncio.get_running_loop()
@@ -92,8 +121,21 @@ async def test_freeze_is_declared_stale_within_seconds_with_default_settings(exc
 
     frozen_at = loop.time()
     exchange.faults.freeze(20.0, endpoint=0)
-    await wait_for(lambda: value(run.service, "k2_binance_stale_detections_total", reason="data_timeout") >= 1, within=5, what="stale within 5 s")
-    await wait_for(lambda: sum(exchange.stats.accepted) > accepted_before, within=5, what="a new connection")
+    await wait_for(
+        lambda: (
+            value(
+                run.service, "k2_binance_stale_detections_total", reason="data_timeout"
+            )
+            >= 1
+        ),
+        within=5,
+        what="stale within 5 s",
+    )
+    await wait_for(
+        lambda: sum(exchange.stats.accepted) > accepted_before,
+        within=5,
+        what="a new connection",
+    )
     replaced_after = loop.time() - frozen_at
     await flowing(run)
 
@@ -110,11 +152,17 @@ async def test_429_then_418_on_the_handshake(exchange, start_service, tmp_path):
 
     exchange.faults.ratelimit(1.5, retry_after=1, endpoint=None)
     exchange.faults.kill()
-    await wait_for(lambda: value(run.service, "k2_binance_rate_limited_total", kind="ws") >= 1, what="429 counted")
+    await wait_for(
+        lambda: value(run.service, "k2_binance_rate_limited_total", kind="ws") >= 1,
+        what="429 counted",
+    )
     await flowing(run)
     exchange.faults.ban(1.5, endpoint=None)
     exchange.faults.kill()
-    await wait_for(lambda: value(run.service, "k2_binance_bans_total", kind="ws") >= 1, what="418 counted")
+    await wait_for(
+        lambda: value(run.service, "k2_binance_bans_total", kind="ws") >= 1,
+        what="418 counted",
+    )
     await flowing(run)
 
     assert 0 == await run.stop(exchange)
@@ -123,19 +171,29 @@ async def test_429_then_418_on_the_handshake(exchange, start_service, tmp_path):
     assert handshakes < 20, f"{handshakes} handshakes: Retry-After was not obeyed"
 
 
-async def test_lifetime_cap_rotations_lose_and_duplicate_nothing(start_service, tmp_path):
+async def test_lifetime_cap_rotations_lose_and_duplicate_nothing(
+    start_service, tmp_path
+):
     """With a lifetime of 1.5 s, connections rotate make-before-break several times."""
     async with Exchange(exchange_config(lifetime=1.5)) as exchange:
         db = tmp_path / "t.db"
         run = await start_service(settings_for(exchange, db, rotate_after="1.0"))
-        await wait_for(lambda: value(run.service, "k2_binance_rotations_total", reason="lifetime") >= 3, within=20, what="3 rotations")
+        await wait_for(
+            lambda: (
+                value(run.service, "k2_binance_rotations_total", reason="lifetime") >= 3
+            ),
+            within=20,
+            what="3 rotations",
+        )
         await flowing(run)
 
         assert 0 == await run.stop(exchange)
         assert_complete(exchange, db)
 
 
-async def test_server_shutdown_is_followed_by_an_immediate_replacement(exchange, start_service, tmp_path):
+async def test_server_shutdown_is_followed_by_an_immediate_replacement(
+    exchange, start_service, tmp_path
+):
     """On serverShutdown a replacement opens at once (before the old closes when the server allows)."""
     db = tmp_path / "t.db"
     run = await start_service(settings_for(exchange, db))
@@ -143,9 +201,16 @@ async def test_server_shutdown_is_followed_by_an_immediate_replacement(exchange,
 
     exchange.faults.shutdown()
     await wait_for(
-        lambda: value(run.service, "k2_binance_rotations_total", reason="server_shutdown")
-        + value(run.service, "k2_binance_reconnects_total", endpoint=_label(exchange, 0), reason="server_shutdown")
-        >= 1,
+        lambda: (
+            value(run.service, "k2_binance_rotations_total", reason="server_shutdown")
+            + value(
+                run.service,
+                "k2_binance_reconnects_total",
+                endpoint=_label(exchange, 0),
+                reason="server_shutdown",
+            )
+            >= 1
+        ),
         what="replacement",
     )
     await flowing(run)
@@ -154,14 +219,22 @@ async def test_server_shutdown_is_followed_by_an_immediate_replacement(exchange,
     assert_complete(exchange, db)
 
 
-async def test_garbage_frames_are_counted_and_the_capture_continues(exchange, start_service, tmp_path):
+async def test_garbage_frames_are_counted_and_the_capture_continues(
+    exchange, start_service, tmp_path
+):
     """1,000 malformed frames are counted one by one; the stream goes on untouched."""
     db = tmp_path / "t.db"
     run = await start_service(settings_for(exchange, db))
     await flowing(run)
 
     exchange.faults.garbage(1000)
-    await wait_for(lambda: value(run.service, "k2_binance_errors_total", kind="malformed_frame") >= 1000, what="1000 malformed frames")
+    await wait_for(
+        lambda: (
+            value(run.service, "k2_binance_errors_total", kind="malformed_frame")
+            >= 1000
+        ),
+        what="1000 malformed frames",
+    )
     await flowing(run)
 
     assert 0 == await run.stop(exchange)

@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import sqlite3
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,7 +16,16 @@ from k2stream.sinks.store import checkpoints, counts
 
 
 def command(exchange, db: Path, *extra: str) -> list[str]:
-    args = [sys.executable, "-m", "k2stream", "run", "--rest-url", exchange.rest_url, "--sink", f"sqlite:///{db}"]
+    args = [
+        sys.executable,
+        "-m",
+        "k2stream",
+        "run",
+        "--rest-url",
+        exchange.rest_url,
+        "--sink",
+        f"sqlite:///{db}",
+    ]
     for url in exchange.ws_urls:
         args += ["--endpoint", url]
     for name, value in FAST.items():
@@ -55,14 +63,22 @@ async def test_sigterm_flushes_checkpoints_and_exits_0(exchange, tmp_path):
 
     assert 0 == code, stderr.decode()[-2000:]
     assert took < 5.0
-    events = [json.loads(line)["event"] for line in stderr.decode().splitlines() if line.startswith("{")]
+    events = [
+        json.loads(line)["event"]
+        for line in stderr.decode().splitlines()
+        if line.startswith("{")
+    ]
     assert "signal_received" in events and "service_stopped" in events
     for key, last_id in checkpoints(db).items():
         rows, first, _ = counts(db)[key]
-        assert last_id - first + 1 <= rows, f"{key}: checkpoint {last_id} ahead of the stored ids"
+        assert last_id - first + 1 <= rows, (
+            f"{key}: checkpoint {last_id} ahead of the stored ids"
+        )
 
 
-async def test_kill_9_then_restart_heals_the_hole_without_duplicates(exchange, tmp_path):
+async def test_kill_9_then_restart_heals_the_hole_without_duplicates(
+    exchange, tmp_path
+):
     """kill -9, a pause, a restart: resume from the checkpoint and heal the hole from REST."""
     db = tmp_path / "t.db"
     first = await spawn(command(exchange, db))
@@ -81,12 +97,18 @@ async def test_kill_9_then_restart_heals_the_hole_without_duplicates(exchange, t
     _, stderr = await second.communicate()
 
     assert_complete(exchange, db)
-    events = [json.loads(line) for line in stderr.decode().splitlines() if line.startswith("{")]
+    events = [
+        json.loads(line)
+        for line in stderr.decode().splitlines()
+        if line.startswith("{")
+    ]
     assert any(e["event"] == "resuming" for e in events)
     assert any(e["event"] == "gap_healed" for e in events)
 
 
-async def test_a_locked_store_delays_writes_but_loses_nothing(exchange, start_service, tmp_path):
+async def test_a_locked_store_delays_writes_but_loses_nothing(
+    exchange, start_service, tmp_path
+):
     """Another process holds the SQLite write lock for 2 s: writes wait, nothing is lost."""
     from conftest import settings_for
 
@@ -94,21 +116,26 @@ async def test_a_locked_store_delays_writes_but_loses_nothing(exchange, start_se
     run = await start_service(settings_for(exchange, db, sink_busy_timeout="0.1"))
     await wait_for(lambda: run.service.delivered > 300, what="flowing")
 
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sqlite3,sys,time; c=sqlite3.connect(sys.argv[1], isolation_level=None);"
-            "c.execute('BEGIN EXCLUSIVE'); print('locked', flush=True); time.sleep(2); c.execute('COMMIT')",
-            str(db),
-        ],
-        stdout=subprocess.PIPE,
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        "import sqlite3,sys,time; c=sqlite3.connect(sys.argv[1], isolation_level=None);"
+        "c.execute('BEGIN EXCLUSIVE'); print('locked', flush=True); time.sleep(2);"
+        "c.execute('COMMIT')",
+        str(db),
+        stdout=asyncio.subprocess.PIPE,
     )
-    assert holder.stdout is not None and b"locked" in holder.stdout.readline()
-    await wait_for(lambda: not run.service.writer.available, within=5, what="the sink to notice the lock")
-    await asyncio.get_running_loop().run_in_executor(None, holder.wait)
-    holder.stdout.close()
-    await wait_for(lambda: run.service.writer.available, within=10, what="the sink to recover")
+    assert holder.stdout is not None
+    assert b"locked" in await holder.stdout.readline()
+    await wait_for(
+        lambda: not run.service.writer.available,
+        within=5,
+        what="the sink to notice the lock",
+    )
+    await holder.wait()
+    await wait_for(
+        lambda: run.service.writer.available, within=10, what="the sink to recover"
+    )
 
     assert 0 == await run.stop(exchange)
     assert_complete(exchange, db)
@@ -153,13 +180,19 @@ async def test_refusing_for_long_logs_the_exponential_schedule(exchange, tmp_pat
     """While everything refuses, reconnect_scheduled events show base, doubling and cap."""
     db = tmp_path / "t.db"
     exchange.faults.refuse(60.0)
-    args = command(exchange, db, "--reconnect-delay", "0.1", "--max-reconnect-delay", "0.8")
+    args = command(
+        exchange, db, "--reconnect-delay", "0.1", "--max-reconnect-delay", "0.8"
+    )
     args[args.index("--max-reconnect-attempts") + 1] = "7"
     process = await spawn(args)
     await asyncio.wait_for(process.wait(), 30)
     _, stderr = await process.communicate()
 
-    events = [json.loads(line) for line in stderr.decode().splitlines() if line.startswith("{")]
+    events = [
+        json.loads(line)
+        for line in stderr.decode().splitlines()
+        if line.startswith("{")
+    ]
     scheduled = [e for e in events if e["event"] == "reconnect_scheduled"]
     assert [0.1, 0.2, 0.4, 0.8, 0.8, 0.8] == [e["nominal"] for e in scheduled]
     assert [1, 2, 3, 4, 5, 6] == [e["attempt"] for e in scheduled]

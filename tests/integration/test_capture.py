@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 
-import aiohttp
-
 from conftest import assert_complete, settings_for, wait_for
 
 
-async def test_a_multi_symbol_capture_equals_the_ground_truth(exchange, start_service, tmp_path):
+async def test_a_multi_symbol_capture_equals_the_ground_truth(
+    exchange, start_service, tmp_path
+):
     """Two symbols, trades and aggTrades, captured for a while: every id once, fields exact."""
     db = tmp_path / "trades.db"
     run = await start_service(settings_for(exchange, db, streams="trade,aggTrade"))

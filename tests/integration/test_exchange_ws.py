@@ -575,3 +575,53 @@ class TestConnectionRules:
 
         assert exchange.stats.accepted[0] == 1
         assert exchange.stats.connections[0] == 0
+
+
+class TestLifecycle:
+    async def test_stop_closes_clients_with_1001_and_is_idempotent(
+        self, start_exchange: StartExchange, session: aiohttp.ClientSession
+    ) -> None:
+        """stop() closes every connection with 1001 and may be called twice."""
+        exchange = await start_exchange()
+        sockets = [
+            await session.ws_connect(url + "/ws/btcusdt@trade")
+            for url in exchange.ws_urls
+        ]
+
+        await exchange.stop()
+        await exchange.stop()
+        ends = [await closed(ws, within=2.0) for ws in sockets]
+
+        assert [(end.type, end.data) for end in ends] == [
+            (aiohttp.WSMsgType.CLOSE, 1001)
+        ] * 2
+        assert not exchange.market.running
+
+    async def test_a_stopped_exchange_cannot_restart(
+        self, start_exchange: StartExchange
+    ) -> None:
+        """start() after stop() fails and says to make a new exchange."""
+        exchange = await start_exchange()
+        await exchange.stop()
+
+        with pytest.raises(RuntimeError, match="create a new one"):
+            await exchange.start()
+
+    async def test_handshake_during_stop_is_closed_or_refused(
+        self, start_exchange: StartExchange, session: aiohttp.ClientSession
+    ) -> None:
+        """A client connecting while the exchange stops is refused or closed, never left open."""
+        exchange = await start_exchange()
+
+        connecting = asyncio.ensure_future(
+            session.ws_connect(exchange.ws_urls[0] + "/ws/btcusdt@trade")
+        )
+        await wait_until(lambda: exchange.stats.handshakes[0] == 1, within=2.0)
+        await exchange.stop()
+        try:
+            ws = await connecting
+        except (aiohttp.WSServerHandshakeError, aiohttp.ClientConnectionError):
+            return
+        end = await closed(ws, within=2.0)
+        assert end.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+        assert exchange.stats.connections == [0, 0]

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import aiohttp
 import pytest
-from conftest import settings_for, wait_for
 
+from conftest import settings_for, wait_for
 from k2stream.exchange import Exchange
 
 

@@ -41,7 +41,10 @@ async def test_two_shards_capture_every_symbol_exactly_once(start_service, tmp_p
             await start_service(settings_for(exchange, db, shard=f"{i}/2"))
             for i, db in enumerate(dbs)
         ]
-        await wait_for(lambda: all(r.service.delivered > 200 for r in runs), what="both shards flowing")
+        await wait_for(
+            lambda: all(r.service.delivered > 200 for r in runs),
+            what="both shards flowing",
+        )
         exchange.market.stop()
         for run in runs:
             assert 0 == await run.stop(exchange)
@@ -65,7 +68,9 @@ def _complete_for(exchange: Exchange, db, symbols: set[str]) -> None:
         assert last - first + 1 == count_ids(db, key, first, last) == rows
 
 
-async def test_streams_beyond_one_connection_are_split(exchange, start_service, tmp_path):
+async def test_streams_beyond_one_connection_are_split(
+    exchange, start_service, tmp_path
+):
     """With two streams per connection, two symbols times two streams use two connections."""
     db = tmp_path / "t.db"
     run = await start_service(
@@ -79,12 +84,15 @@ async def test_streams_beyond_one_connection_are_split(exchange, start_service, 
     assert_complete(exchange, db, ("trade", "aggTrade"))
 
 
-async def test_redundant_connections_survive_a_kill_without_backfill(exchange, start_service, tmp_path):
+async def test_redundant_connections_survive_a_kill_without_backfill(
+    exchange, start_service, tmp_path
+):
     """With redundancy 2, killing either connection leaves no gap and needs no REST."""
     db = tmp_path / "t.db"
     run = await start_service(settings_for(exchange, db, redundancy="2"))
     await wait_for(
-        lambda: all(s.link is not None for s in run.service.supervisors), what="both connected"
+        lambda: all(s.link is not None for s in run.service.supervisors),
+        what="both connected",
     )
     endpoints = {s.link.endpoint.index for s in run.service.supervisors}
     assert 2 == len(endpoints), "the two connections share an endpoint"
@@ -93,11 +101,21 @@ async def test_redundant_connections_survive_a_kill_without_backfill(exchange, s
     for index in sorted(endpoints):
         before = run.service.delivered
         exchange.faults.kill(endpoint=index)
-        await wait_for(lambda: run.service.delivered > before + 300, what="still flowing")
+        await wait_for(
+            lambda before=before: run.service.delivered > before + 300,
+            what="still flowing",
+        )
         await asyncio.sleep(0.5)
 
     assert 0 == await run.stop(exchange, within=5)
     assert_complete(exchange, db)
     for symbol in ("BTCUSDT", "ETHUSDT"):
-        assert 0 == value(run.service, "k2_binance_gaps_detected_total", symbol=symbol, stream="trade")
-        assert 0 == value(run.service, "k2_binance_backfilled_trades_total", symbol=symbol, stream="trade")
+        assert 0 == value(
+            run.service, "k2_binance_gaps_detected_total", symbol=symbol, stream="trade"
+        )
+        assert 0 == value(
+            run.service,
+            "k2_binance_backfilled_trades_total",
+            symbol=symbol,
+            stream="trade",
+        )

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 from conftest import settings_for, wait_for
-
 from k2stream.exchange import Exchange
 
 
@@ -46,8 +45,12 @@ def closed_port() -> int:
 async def running(exchange: Exchange, start_service, tmp_path: Path):
     run = await start_service(settings_for(exchange, tmp_path / "t.db"))
     await wait_for(
-        lambda: run.service.delivered > 200
-        and all(run.service.sequencer.last_id(k) for k in run.service.sequencer.keys()),
+        lambda: (
+            run.service.delivered > 200
+            and all(
+                run.service.sequencer.last_id(k) for k in run.service.sequencer.keys()
+            )
+        ),
         what="data flowing on every stream",
     )
     return run

@@ -113,3 +113,15 @@ def test_help_lists_every_option_with_its_variable_and_default(capsys):
         "--sink",
     ):
         assert fragment in text
+
+
+def test_the_readme_documents_every_option():
+    """The README's configuration table names every flag and its environment variable."""
+    from pathlib import Path
+
+    from k2stream.config import OPTIONS
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    for option in OPTIONS.values():
+        assert f"`{option.flag}`" in readme, option.flag
+        assert option.env in readme, option.env

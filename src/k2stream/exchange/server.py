@@ -48,7 +48,8 @@ class Exchange:
 
     ``start`` binds every listener and starts the market; ``stop`` closes
     connections (1001), stops the market and unbinds, and may be called
-    twice. Also an async context manager.
+    twice. An exchange runs once: make a new one to start again. Also an
+    async context manager.
     """
 
     def __init__(self, config: ExchangeConfig, *, clock: Clock = SYSTEM_CLOCK) -> None:
@@ -72,13 +73,15 @@ class Exchange:
         self.control_url = ""
         self._runners: list[web.AppRunner] = []
         self._started = False
+        self._stopped = False
 
     async def start(self) -> None:
         """Bind the listeners (ws_ports order, then REST, then control); start the market."""
+        if self._stopped:
+            raise RuntimeError("this Exchange was stopped; create a new one to restart")
         if self._started:
             return
         self._started = True
-        self.ws_urls = []
 
         try:
             for endpoint, port in zip(
@@ -115,9 +118,9 @@ class Exchange:
 
     async def stop(self) -> None:
         """Close every connection, stop the market and unbind; idempotent."""
-        if not self._started:
+        if not self._started or self._stopped:
             return
-        self._started = False
+        self._stopped = True
 
         self.market.stop()
         self.faults.cancel_timers()

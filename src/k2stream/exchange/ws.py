@@ -471,6 +471,8 @@ class WsEndpoint:
         self.faults = EndpointFaults()
         self._connections: set[Connection] = set()
         self._attempts: deque[float] = deque()
+        self._handshaking = 0
+        self._stopping = False
         self.handshakes = 0
         self.accepted = 0
 
@@ -486,6 +488,8 @@ class WsEndpoint:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """A handshake: refuse it if a fault or the attempt limit says so, else serve."""
         self.handshakes += 1
+        if self._stopping:
+            return _refusal(503, 0)
         now = asyncio.get_running_loop().time()
         refusal = self.faults.handshake_refusal(now) or self._over_attempt_limit(now)
         if refusal is not None:
@@ -509,8 +513,11 @@ class WsEndpoint:
                 {"code": -1100, "msg": "expected a WebSocket upgrade request"},
                 status=400,
             )
-        await ws.prepare(request)
-        assert request.transport is not None
+        self._handshaking += 1
+        try:
+            await ws.prepare(request)
+        finally:
+            self._handshaking -= 1
         return await self._serve(ws, request, opening)
 
     def _over_attempt_limit(self, now: float) -> tuple[int, int] | None:
@@ -550,6 +557,8 @@ class WsEndpoint:
 
         self._connections.add(connection)
         self.accepted += 1
+        if self._stopping:
+            connection.begin_close(*CLOSE_EXCHANGE_STOPPED)
         log.info(
             "ws_connection_opened",
             endpoint=self.index,
@@ -574,13 +583,18 @@ class WsEndpoint:
         return ws
 
     async def close_all(self) -> None:
-        """Close every connection (1001) and wait until their handlers are done."""
+        """Refuse new handshakes, close every connection (1001), wait for handlers.
+
+        A handshake already past its checks still completes, and its
+        connection is closed as soon as it opens.
+        """
+        self._stopping = True
         for connection in list(self._connections):
             connection.begin_close(*CLOSE_EXCHANGE_STOPPED)
 
         # A client that never answers is dropped after the close timeout.
         deadline = asyncio.get_running_loop().time() + self.config.close_timeout + 1.0
-        while self._connections:
+        while self._connections or self._handshaking:
             if asyncio.get_running_loop().time() > deadline:
                 for connection in list(self._connections):
                     connection.kill()
