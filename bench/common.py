@@ -513,16 +513,22 @@ async def final_ids(exchange: ExchangeProcess) -> dict[StreamKey, int]:
     return last
 
 
-def audit_sqlite(db: Path, last: Mapping[StreamKey, int], first: int = 1) -> dict[str, int]:
-    """Ids ``first..last`` of every key stored once each; counts what is missing."""
+def audit_sqlite(
+    db: Path, last: Mapping[StreamKey, int], first: int | None = 1
+) -> dict[str, int]:
+    """Ids ``first..last`` of every key stored once each; counts what is missing.
+
+    With ``first=None`` each key is audited from the lowest id it stored: a
+    service that connects to a running market starts wherever it joins.
+    """
     stored = counts(db)
-    missing = 0
-    rows = 0
+    expected = missing = rows = 0
     for key, last_id in last.items():
-        held, _, _ = stored.get(key, (0, 0, 0))
+        held, lowest, _ = stored.get(key, (0, last_id + 1, 0))
+        start = lowest if first is None else first
         rows += held
-        missing += (last_id - first + 1) - count_ids(db, key, first, last_id)
-    expected = sum(last_id - first + 1 for last_id in last.values())
+        expected += last_id - start + 1
+        missing += (last_id - start + 1) - count_ids(db, key, start, last_id)
     return {"expected": expected, "rows": rows, "missing": missing}
 
 

@@ -1,12 +1,17 @@
 """How many trade messages per second the bundled exchange delivers to one client.
 
 The exchange runs in this process with one symbol at a very high rate; the
-client (aiohttp, ``decode_text=False``, counting text frames) runs in a child
-process, so the two do not share a core and the number measures delivery,
-not a shared event loop. The server's own CPU use is printed too: below
-100 % means the exchange was not the bottleneck.
+client runs in a child process, so the two do not share a core and the
+number measures delivery, not a shared event loop. The server's own CPU use
+is printed too: below 100 % means the exchange was not the bottleneck.
 
-    PYTHONPATH=src .venv/bin/python bench/exchange_throughput.py --seconds 10
+The client is aiohttp (``decode_text=False``, counting text frames), as a
+k2stream connection would be. ``--raw`` swaps it for a bare socket that
+only walks frame headers, which costs far less per message than aiohttp and
+so shows how much the exchange itself can push.
+
+    PYTHONPATH=src .venv/bin/python bench/exchange_throughput.py --seconds 8
+    PYTHONPATH=src .venv/bin/python bench/exchange_throughput.py --seconds 8 --raw
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import json
 import subprocess
 import sys
 import time
+from urllib.parse import urlsplit
 
 import aiohttp
 import structlog
@@ -25,7 +31,7 @@ from k2stream.exchange import Exchange, ExchangeConfig, SymbolSpec
 
 
 async def count_frames(url: str, seconds: float, warmup: float) -> dict[str, object]:
-    """Connect, skip ``warmup`` seconds, then count text frames for ``seconds``."""
+    """Connect with aiohttp, skip ``warmup`` s, then count text frames for ``seconds``."""
     async with (
         aiohttp.ClientSession() as session,
         session.ws_connect(url, decode_text=False, max_msg_size=0) as ws,
@@ -60,6 +66,67 @@ async def count_frames(url: str, seconds: float, warmup: float) -> dict[str, obj
     }
 
 
+async def count_raw_frames(
+    url: str, seconds: float, warmup: float
+) -> dict[str, object]:
+    """Handshake on a bare socket, then count frames by walking their headers."""
+    parts = urlsplit(url)
+    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+    writer.write(
+        f"GET {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+        "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    await reader.readuntil(b"\r\n\r\n")
+
+    counting_from = time.monotonic() + warmup
+    deadline = counting_from + seconds
+    counted = 0
+    pending = b""
+    first_payload = last_payload = b""
+    now = counting_from
+    while now < deadline:
+        chunk = await reader.read(1 << 20)
+        if not chunk:
+            break
+        now = time.monotonic()
+        data = pending + chunk
+        position = 0
+        frames = 0
+        while True:
+            if position + 4 > len(data):
+                break
+            size = data[position + 1]
+            header = 2
+            if size == 126:
+                size = int.from_bytes(data[position + 2 : position + 4], "big")
+                header = 4
+            end = position + header + size
+            if end > len(data):
+                break
+            if counted == 0 and frames == 0 and now >= counting_from:
+                first_payload = data[position + header : end]
+            last_payload = data[position + header : end]
+            position = end
+            frames += 1
+        pending = data[position:]
+        if now >= counting_from:
+            counted += frames
+    writer.close()
+    await writer.wait_closed()
+
+    elapsed = max(1e-9, min(now, deadline) - counting_from)
+    return {
+        "messages": counted,
+        "seconds": elapsed,
+        "per_second": counted / elapsed,
+        "consecutive": _trade_id(last_payload) - _trade_id(first_payload)
+        == counted - 1,
+        "ended": "time" if now >= deadline else "connection closed",
+    }
+
+
 def _trade_id(data: bytes) -> int:
     return int(json.loads(data)["t"])
 
@@ -83,7 +150,7 @@ async def serve_and_measure(args: argparse.Namespace) -> str:
         client = await asyncio.create_subprocess_exec(
             sys.executable,
             __file__,
-            "--client",
+            "--raw-client" if args.raw else "--client",
             url,
             "--seconds",
             str(args.seconds),
@@ -103,12 +170,14 @@ async def serve_and_measure(args: argparse.Namespace) -> str:
         forgone = exchange.market.forgone
 
     result = json.loads(output)
+    client_kind = "raw-socket" if args.raw else "aiohttp"
     return (
-        f"exchange_throughput: 1 client, 1 symbol offered at {args.rate:,.0f} trades/s "
-        f"(tick {args.tick} s): received {result['per_second']:,.0f} msgs/s over "
-        f"{result['seconds']:.1f} s (ended by {result['ended']}), "
-        f"ids consecutive={result['consecutive']}, server CPU {server_cpu:.0%}, "
-        f"{generated:,} trades generated, {forgone:,} forgone by a late loop"
+        f"exchange_throughput: 1 {client_kind} client, 1 symbol offered at "
+        f"{args.rate:,.0f} trades/s (tick {args.tick} s): received "
+        f"{result['per_second']:,.0f} msgs/s over {result['seconds']:.1f} s "
+        f"(ended by {result['ended']}), ids consecutive={result['consecutive']}, "
+        f"server CPU {server_cpu:.0%}, {generated:,} trades generated, "
+        f"{forgone:,} forgone by a late loop"
     )
 
 
@@ -118,11 +187,17 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--rate", type=float, default=250_000.0)
     parser.add_argument("--tick", type=float, default=0.01)
+    parser.add_argument(
+        "--raw", action="store_true", help="count with a bare socket, not aiohttp"
+    )
     parser.add_argument("--client", metavar="URL", help=argparse.SUPPRESS)
+    parser.add_argument("--raw-client", metavar="URL", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    if args.client:
-        result = asyncio.run(count_frames(args.client, args.seconds, args.warmup))
+    if args.client or args.raw_client:
+        count = count_raw_frames if args.raw_client else count_frames
+        url = args.raw_client or args.client
+        result = asyncio.run(count(url, args.seconds, args.warmup))
         print(json.dumps(result))
         return
     print(asyncio.run(serve_and_measure(args)))

@@ -268,6 +268,7 @@ async def run_exchange(args: argparse.Namespace) -> int:
         lifetime=args.lifetime,
         ping_interval=args.ping_interval,
     )
+    configure("auto", "info")  # to stderr: stdout carries only the URLs
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

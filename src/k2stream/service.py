@@ -469,15 +469,19 @@ class Service:
             any(s.link for s in group) for group in self.groups
         ):
             return "not connected"
-        ages = [
-            self.clock.time() - value
-            for value in _gauge_values(self.metrics.last_message)
-            if value > 0
-        ]
+        now = self.clock.time()
+        ages = {
+            f"{sample.labels['symbol']}@{sample.labels['stream']}": now - sample.value
+            for metric in self.metrics.last_message.collect()
+            for sample in metric.samples
+            if sample.value > 0
+        }
         if not ages:
             return "no market data yet"
-        if min(ages) > self.settings.health_check_timeout:
-            return f"no market data for {min(ages):.0f} s"
+        freshest = min(ages.values())
+        if freshest > self.settings.health_check_timeout:
+            stalest = max(ages, key=lambda name: ages[name])
+            return f"no market data for {freshest:.0f} s (stalest: {stalest})"
         if self.writer is not None and not self.writer.available:
             return "sink unavailable"
         return None
@@ -496,7 +500,3 @@ def _siblings_of(
         ]
 
     return siblings
-
-
-def _gauge_values(gauge: Any) -> list[float]:
-    return [sample.value for metric in gauge.collect() for sample in metric.samples]

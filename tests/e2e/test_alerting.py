@@ -307,9 +307,10 @@ async def provoke_rare_panels(exchange: Exchange, run) -> None:
         "trades backfilled",
     )
 
-    # A REST ban longer than the backfill will wait: the next hole is lost.
+    # A REST ban longer than the backfill waits for one (300 s): the next hole
+    # is given up as lost.
     exchange.faults.rest_ban(400.0)
-    exchange.faults.kill()
+    exchange.faults.freeze(1.0)
     await wait_for(
         lambda: total(run, "k2_binance_gaps_unhealable_total") >= 1,
         15,

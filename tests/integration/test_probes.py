@@ -93,7 +93,7 @@ async def test_readiness_follows_the_data_and_liveness_stays_up(
         stop = asyncio.Event()
         polling = asyncio.create_task(poll_probes(http, base, stop))
 
-        await asyncio.sleep(1.5)
+        await asyncio.sleep(1.0)
         frozen_at = loop.time()
         exchange.faults.freeze(FREEZE)
         thawed_at = frozen_at + FREEZE
@@ -104,7 +104,7 @@ async def test_readiness_follows_the_data_and_liveness_stays_up(
             within=15,
             what="data flowing after the freeze",
         )
-        await asyncio.sleep(1.5)
+        await asyncio.sleep(1.0)
         stop.set()
         timeline = await polling
 

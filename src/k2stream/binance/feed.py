@@ -168,7 +168,7 @@ class StreamSession:
             if key is None:
                 self._on_unexpected(message)
                 return
-            received_us = int(time.time() * 1_000_000)
+            received_us = time.time_ns() // 1000
             if type(data) is TradeEvent:
                 trade = self._normalizer.from_trade_event(
                     data, self._endpoint.label, received_us

@@ -494,9 +494,18 @@ class Supervisor:
             return None
 
         deadline = self._clock.monotonic() + self._settings.switch_timeout
+        next_watch = 0.0
         while not new.session.all_streams_seen():
-            if new.reader.done() or self._clock.monotonic() >= deadline:
+            now = self._clock.monotonic()
+            if new.reader.done() or now >= deadline:
                 break
+            if now >= next_watch:
+                # The old link is still the live one: keep watching it, and
+                # stop waiting if it dies or goes silent meanwhile.
+                next_watch = now + self._settings.watchdog_interval
+                self._watch(old, now)
+                if old.reader.done() or old.watchdog.is_stale():
+                    break
             await asyncio.sleep(0.02)
         complete = new.session.all_streams_seen()
         if new.reader.done() or (

@@ -700,7 +700,14 @@ def _json_value(record: dict[str, Any]) -> bytes:
 
 
 class _AvroValues:
-    """TradeV2 in Avro single-object encoding: marker, fingerprint, body."""
+    """TradeV2 in Avro single-object encoding: marker, fingerprint, body.
+
+    Values are written with the schema's physical types (the decimals turned
+    into their two's-complement bytes here) and read with its logical types.
+    Logical types change neither the bytes on the wire nor the fingerprint,
+    which is taken over the parsing canonical form; writing without them
+    halves fastavro's time per record.
+    """
 
     def __init__(self) -> None:
         try:
@@ -712,20 +719,22 @@ class _AvroValues:
             ) from exc
 
         self._fastavro = fastavro
-        self._schema = fastavro.parse_schema(trade_v2_schema())
-        canonical = fastavro.schema.to_parsing_canonical_form(self._schema)
+        schema = trade_v2_schema()
+        self._reader_schema = fastavro.parse_schema(schema)
+        self._writer_schema = fastavro.parse_schema(_physical(schema))
+        canonical = fastavro.schema.to_parsing_canonical_form(self._reader_schema)
         fingerprint = fastavro.schema.fingerprint(canonical, "CRC-64-AVRO")
         self.header = AVRO_MARKER + bytes.fromhex(fingerprint)
 
     def encode(self, record: dict[str, Any]) -> bytes:
         record = {
             **record,
-            "price": _avro_decimal(record["price"], "price"),
-            "quantity": _avro_decimal(record["quantity"], "quantity"),
+            "price": _decimal_bytes(record["price"], "price"),
+            "quantity": _decimal_bytes(record["quantity"], "quantity"),
         }
         body = io.BytesIO()
         body.write(self.header)
-        self._fastavro.schemaless_writer(body, self._schema, record)
+        self._fastavro.schemaless_writer(body, self._writer_schema, record)
         return body.getvalue()
 
     def decode(self, value: bytes) -> dict[str, Any]:
@@ -736,29 +745,47 @@ class _AvroValues:
             )
 
         body = io.BytesIO(value[len(self.header) :])
-        record = self._fastavro.schemaless_reader(body, self._schema, None)
+        record = self._fastavro.schemaless_reader(body, self._reader_schema, None)
         if not isinstance(record, dict):
             raise ValueError("the Avro value is not a TradeV2 record")
         return record
 
 
-_AVRO_SCALE: Final = Decimal(1).scaleb(-8)
+_LOGICAL_KEYS: Final = frozenset({"logicalType", "precision", "scale"})
+
+_AVRO_SCALE: Final = 8
+_AVRO_QUANTUM: Final = Decimal(1).scaleb(-_AVRO_SCALE)
 _AVRO_PRECISION: Final = 18
 
 
-def _avro_decimal(text: str, name: str) -> Decimal:
-    """``text`` as a Decimal with exactly the schema's 8 places, or ValueError."""
+def _physical(node: Any) -> Any:
+    """A copy of the schema ``node`` without its logical-type annotations."""
+    if isinstance(node, list):
+        return [_physical(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+
+    kept = {k: _physical(v) for k, v in node.items() if k not in _LOGICAL_KEYS}
+    # {"type": "long"} is "long"; fastavro writes the short form faster.
+    return kept["type"] if kept.keys() == {"type"} else kept
+
+
+def _decimal_bytes(text: str, name: str) -> bytes:
+    """``text`` as Avro ``decimal(18, 8)`` bytes: the big-endian two's complement
+    of the value times 10**8. ValueError when it does not fit exactly."""
     try:
         value = Decimal(text)
-        scaled = value.quantize(_AVRO_SCALE)
+        scaled = value.quantize(_AVRO_QUANTUM)
     except InvalidOperation as exc:
         raise ValueError(f"{name}={text!r} is not a decimal number") from exc
 
     if scaled != value:
-        raise ValueError(f"{name}={text} has more than 8 decimal places")
+        raise ValueError(f"{name}={text} has more than {_AVRO_SCALE} decimal places")
     if len(scaled.as_tuple().digits) > _AVRO_PRECISION:
         raise ValueError(f"{name}={text} has more than {_AVRO_PRECISION} digits")
-    return scaled
+
+    unscaled = int(scaled.scaleb(_AVRO_SCALE))
+    return unscaled.to_bytes((unscaled.bit_length() + 8) // 8, "big", signed=True)
 
 
 class _DeliveryReports:
