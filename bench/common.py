@@ -103,7 +103,9 @@ def add_json_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def report(name: str, line: str, result: Mapping[str, Any], json_path: Path | None) -> None:
+def report(
+    name: str, line: str, result: Mapping[str, Any], json_path: Path | None
+) -> None:
     """Print the one result line; write it with the details and the machine as JSON."""
     print(f"{name}: {line}", flush=True)
     if json_path is None:
@@ -119,7 +121,9 @@ def report(name: str, line: str, result: Mapping[str, Any], json_path: Path | No
     json_path.write_text(json.dumps(document, indent=2, default=str) + "\n")
 
 
-def percentiles(samples: Sequence[float], points: Iterable[float] = (50, 99)) -> dict[str, float]:
+def percentiles(
+    samples: Sequence[float], points: Iterable[float] = (50, 99)
+) -> dict[str, float]:
     """Nearest-rank percentiles plus the maximum; empty samples give an empty dict."""
     if not samples:
         return {}
@@ -155,7 +159,7 @@ def thread_cpu_seconds() -> dict[str, float]:
     The two can run at once on two cores, except while one waits for the
     GIL: what each costs per trade says which one bounds the throughput.
     """
-    found = {}
+    found: dict[str, float] = {}
     for thread in threading.enumerate():
         if thread is threading.main_thread():
             role = "event_loop"
@@ -236,7 +240,7 @@ class ExchangeProcess:
     async def __aenter__(self) -> ExchangeProcess:
         self._child = await asyncio.create_subprocess_exec(
             sys.executable,
-            str(Path(__file__).resolve()),
+            str(BENCH_DIR / "common.py"),
             "--serve-exchange",
             json.dumps(dataclasses.asdict(self.plan)),
             stdin=asyncio.subprocess.PIPE,
@@ -321,7 +325,9 @@ class ExchangeProcess:
         if trades is None:
             raise ValueError("queue_burst needs a MarketPlan with stop_after")
 
-        request = urllib.request.Request(self.control_url + "/market/start", method="POST")
+        request = urllib.request.Request(
+            self.control_url + "/market/start", method="POST"
+        )
         with urllib.request.urlopen(request, timeout=10):
             pass
 
@@ -332,7 +338,9 @@ class ExchangeProcess:
             if min(ids) >= trades:
                 break
             if time.monotonic() > deadline:
-                raise TimeoutError(f"the market did not reach {trades} trades in {within} s")
+                raise TimeoutError(
+                    f"the market did not reach {trades} trades in {within} s"
+                )
             time.sleep(0.02)
 
         # The market stopped itself in the tick that reached ``stop_after``:
@@ -353,7 +361,9 @@ class ExchangeProcess:
     async def set_rates(self, rates: Sequence[float]) -> None:
         """Change the rate of every symbol; the market goes on from its current ids."""
         child = self._child
-        assert child is not None and child.stdin is not None and child.stdout is not None
+        assert (
+            child is not None and child.stdin is not None and child.stdout is not None
+        )
         child.stdin.write(json.dumps({"rates": list(rates)}).encode() + b"\n")
         await child.stdin.drain()
         await asyncio.wait_for(child.stdout.readline(), 10.0)
@@ -371,7 +381,9 @@ async def _serve_exchange(plan: MarketPlan) -> None:
     config = ExchangeConfig(
         symbols=tuple(
             SymbolSpec(symbol, base=symbol[:-4], quote="USDT", rate=rate, price=price)
-            for symbol, rate, price in zip(plan.symbols, plan.rates, PRICES, strict=False)
+            for symbol, rate, price in zip(
+                plan.symbols, plan.rates, PRICES, strict=False
+            )
         ),
         seed=plan.seed,
         ws_ports=(0,) * plan.endpoints,
@@ -471,7 +483,9 @@ async def running_service(settings: Settings) -> AsyncIterator[Service]:
         await asyncio.wait_for(task, 60.0)
 
 
-async def until(condition: Callable[[], bool], within: float, what: str, poll: float = 0.01) -> float:
+async def until(
+    condition: Callable[[], bool], within: float, what: str, poll: float = 0.01
+) -> float:
     """Poll ``condition`` until it holds; returns the time.monotonic() it first held."""
     deadline = time.monotonic() + within
     while not condition():
@@ -532,7 +546,9 @@ def audit_sqlite(
     return {"expected": expected, "rows": rows, "missing": missing}
 
 
-def audit_jsonl(path: Path, last: Mapping[StreamKey, int], first: int = 1) -> dict[str, int]:
+def audit_jsonl(
+    path: Path, last: Mapping[StreamKey, int], first: int = 1
+) -> dict[str, int]:
     """The same audit for a JSON-lines file: every id once, none missing."""
     import msgspec
 
@@ -559,11 +575,13 @@ def audit_jsonl(path: Path, last: Mapping[StreamKey, int], first: int = 1) -> di
 
 def counter_total(counter: Any) -> float:
     """The sum of a prometheus counter over all its labels."""
-    return sum(
-        sample.value
-        for metric in counter.collect()
-        for sample in metric.samples
-        if sample.name.endswith("_total")
+    return float(
+        sum(
+            sample.value
+            for metric in counter.collect()
+            for sample in metric.samples
+            if sample.name.endswith("_total")
+        )
     )
 
 

@@ -35,7 +35,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import k2stream.service as service_module
 from common import (
     ExchangeProcess,
     MarketPlan,
@@ -49,6 +48,8 @@ from common import (
     service_settings,
     wait_connected,
 )
+
+import k2stream.service as service_module
 from k2stream.binance.feed import StreamSession
 from k2stream.records import StreamKey, Trade
 from k2stream.sinks.base import Sink
@@ -81,7 +82,9 @@ class CommitTimer:
     def open(self) -> dict[StreamKey, int]:
         return self._inner.open()
 
-    def write(self, trades: Sequence[Trade], checkpoints: Mapping[StreamKey, int]) -> None:
+    def write(
+        self, trades: Sequence[Trade], checkpoints: Mapping[StreamKey, int]
+    ) -> None:
         self._inner.write(trades, checkpoints)
         committed_us = int(time.time() * 1_000_000)
         if self._probe.active:
@@ -96,7 +99,7 @@ class CommitTimer:
 @contextlib.contextmanager
 def instrumented(probe: Probe) -> Iterator[None]:
     """Wrap ``StreamSession.on_frame`` and the service's sink in probes, then restore them."""
-    real_open_sink = service_module.open_sink
+    real_open_sink = getattr(service_module, "open_sink")  # noqa: B009
     real_on_frame = StreamSession.on_frame
 
     def open_sink(url: str, **options: Any) -> Sink:
@@ -108,12 +111,13 @@ def instrumented(probe: Probe) -> Iterator[None]:
         if probe.active:
             probe.processing_ns.append(time.perf_counter_ns() - started)
 
-    service_module.open_sink = open_sink
+    # The service looks its open_sink up in its own module at start-up.
+    setattr(service_module, "open_sink", open_sink)  # noqa: B010
     setattr(StreamSession, "on_frame", on_frame)  # noqa: B010 - a method is replaced
     try:
         yield
     finally:
-        service_module.open_sink = real_open_sink
+        setattr(service_module, "open_sink", real_open_sink)  # noqa: B010
         setattr(StreamSession, "on_frame", real_on_frame)  # noqa: B010
 
 
@@ -163,7 +167,9 @@ def _line(result: Mapping[str, Any]) -> str:
 async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     results = []
     for rate in args.rates:
-        progress(f"{rate:,.0f} trades/s for {args.seconds} s after {args.warmup} s of warm-up")
+        progress(
+            f"{rate:,.0f} trades/s for {args.seconds} s after {args.warmup} s of warm-up"
+        )
         result = await measure(rate, args)
         progress(f"  {result}")
         results.append(result)
@@ -178,7 +184,9 @@ def main() -> None:
         default=[1000.0, 10000.0],
         help="comma-separated trades/s",
     )
-    parser.add_argument("--seconds", type=float, default=20.0, help="measured, per rate")
+    parser.add_argument(
+        "--seconds", type=float, default=20.0, help="measured, per rate"
+    )
     parser.add_argument("--warmup", type=float, default=3.0, help="not measured, s")
     parser.add_argument("--tick", type=float, default=0.01, help="market step, s")
     parser.add_argument("--dir", type=Path, default=None, help="where the store goes")
@@ -187,7 +195,9 @@ def main() -> None:
 
     quiet_logs()
     results = asyncio.run(run(args))
-    report("latency", "; ".join(_line(r) for r in results), {"runs": results}, args.json)
+    report(
+        "latency", "; ".join(_line(r) for r in results), {"runs": results}, args.json
+    )
 
 
 if __name__ == "__main__":

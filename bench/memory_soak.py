@@ -43,7 +43,6 @@ from common import (
     counter_total,
     durable,
     final_ids,
-    keys_of,
     progress,
     quiet_logs,
     report,
@@ -53,6 +52,7 @@ from common import (
     until,
     wait_connected,
 )
+
 from k2stream.service import Service
 
 
@@ -91,21 +91,25 @@ class Sampler:
 
     def take(self) -> float:
         rss = rss_mb()
-        self.samples.append((round(time.monotonic() - self._started, 1), self.phase, rss))
+        self.samples.append(
+            (round(time.monotonic() - self._started, 1), self.phase, rss)
+        )
         return rss
 
     async def stop(self) -> None:
         self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
 
-    def of(self, phase: str, since: float = 0.0, until: float = float("inf")) -> list[float]:
-        return [rss for at, p, rss in self.samples if p == phase and since <= at < until]
+    def of(
+        self, phase: str, since: float = 0.0, until: float = float("inf")
+    ) -> list[float]:
+        return [
+            rss for at, p, rss in self.samples if p == phase and since <= at < until
+        ]
 
 
 async def soak(args: argparse.Namespace) -> dict[str, Any]:
-    plan = MarketPlan(
-        rates=(args.rate, args.rate), lifetime=args.lifetime, endpoints=3
-    )
+    plan = MarketPlan(rates=(args.rate, args.rate), lifetime=args.lifetime, endpoints=3)
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         db = Path(tmp) / "trades.db"
         async with ExchangeProcess(plan) as exchange:
@@ -153,7 +157,9 @@ async def _phases(
         poll=0.1,
     )
     await exchange.set_rates([args.rate, args.rate])
-    await until(lambda: service.writer is not None and service.writer.backlog == 0, 60, "drain")
+    await until(
+        lambda: service.writer is not None and service.writer.backlog == 0, 60, "drain"
+    )
     after_burst = sampler.take()
     progress(f"after {service.delivered:,} trades: {after_burst:.1f} MiB")
 
@@ -250,8 +256,12 @@ def _summary(result: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=10.0, help="soak length")
-    parser.add_argument("--rate", type=float, default=1000.0, help="trades/s per symbol")
-    parser.add_argument("--burst", type=int, default=1_000_000, help="trades in the burst")
+    parser.add_argument(
+        "--rate", type=float, default=1000.0, help="trades/s per symbol"
+    )
+    parser.add_argument(
+        "--burst", type=int, default=1_000_000, help="trades in the burst"
+    )
     parser.add_argument(
         "--burst-rate", type=float, default=15_000.0, help="trades/s per symbol"
     )
@@ -259,7 +269,9 @@ def main() -> None:
     parser.add_argument("--rotate-after", type=float, default=3.0, help="rotation, s")
     parser.add_argument("--fault-every", type=float, default=20.0, help="seconds")
     parser.add_argument("--sample", type=float, default=5.0, help="RSS every N s")
-    parser.add_argument("--settle", type=float, default=5.0, help="before 'after start'")
+    parser.add_argument(
+        "--settle", type=float, default=5.0, help="before 'after start'"
+    )
     parser.add_argument("--dir", type=Path, default=None, help="where the store goes")
     add_json_option(parser)
     args = parser.parse_args()

@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-
 from common import (
     ExchangeProcess,
     MarketPlan,
@@ -60,6 +59,7 @@ from common import (
     until,
     wait_connected,
 )
+
 from k2stream.binance.messages import Envelope, TradeEvent, decode
 from k2stream.binance.streams import combined_url, names_for
 from k2stream.records import TRADE, StreamKey
@@ -224,11 +224,17 @@ def _summary(phases: Mapping[str, Mapping[str, Any]]) -> str:
             continue
         ratio = ""
         if raw:
-            ratio = f", {phase['trades_per_second'] / raw['trades_per_second']:.2f} of raw"
+            ratio = (
+                f", {phase['trades_per_second'] / raw['trades_per_second']:.2f} of raw"
+            )
         complete = phase["missing"] == 0 and phase["rows"] == phase["expected"]
-        verdict = "complete" if complete else (
-            f"INCOMPLETE: {phase['missing']} missing, "
-            f"{phase['rows']} rows for {phase['expected']}"
+        verdict = (
+            "complete"
+            if complete
+            else (
+                f"INCOMPLETE: {phase['missing']} missing, "
+                f"{phase['rows']} rows for {phase['expected']}"
+            )
         )
         parts.append(
             f"{name} {phase['trades_per_second']:,.0f} trades/s "

@@ -45,6 +45,7 @@ from common import (
     report,
     running_service,
     service_settings,
+    until,
     wait_connected,
 )
 
@@ -115,7 +116,9 @@ def summarise(samples: list[Sample], top: int) -> dict[str, Any]:
         if sample.frames:
             own[sample.frames[-1]] += sample.count
 
-    def shares(counter: collections.Counter[str], n: int | None = None) -> dict[str, float]:
+    def shares(
+        counter: collections.Counter[str], n: int | None = None
+    ) -> dict[str, float]:
         return {name: round(c / total, 4) for name, c in counter.most_common(n)}
 
     return {
@@ -135,23 +138,27 @@ def _thread_role(name: str) -> str:
 
 
 async def profile(args: argparse.Namespace, stacks: Path) -> dict[str, Any]:
-    plan = MarketPlan(
-        rates=(args.rate,), start_stopped=True, stop_after=args.trades
-    )
+    plan = MarketPlan(rates=(args.rate,), start_stopped=True, stop_after=args.trades)
     async with ExchangeProcess(plan) as exchange:
         with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-            path = Path(tmp) / ("trades.db" if args.sink == "sqlite" else "trades.jsonl")
+            path = Path(tmp) / (
+                "trades.db" if args.sink == "sqlite" else "trades.jsonl"
+            )
             settings = service_settings(exchange, f"{args.sink}:///{path}")
             async with running_service(settings) as service:
                 await wait_connected(service)
                 burst = exchange.queue_burst()
                 spy = _attach(stacks, args.hz, args.gil)
                 try:
-                    while not all(
-                        durable(service, key) >= last_id
-                        for key, last_id in burst.last.items()
-                    ):
-                        await asyncio.sleep(0.005)
+                    await until(
+                        lambda: all(
+                            durable(service, key) >= last_id
+                            for key, last_id in burst.last.items()
+                        ),
+                        within=600,
+                        what="the burst made durable",
+                        poll=0.005,
+                    )
                 finally:
                     _detach(spy)
 
@@ -223,7 +230,9 @@ def _table(summary: dict[str, Any]) -> str:
 
 def _headline(summary: dict[str, Any]) -> str:
     stages = list(summary["stages"].items())[:4]
-    threads = ", ".join(f"{name} {share:.0%}" for name, share in summary["threads"].items())
+    threads = ", ".join(
+        f"{name} {share:.0%}" for name, share in summary["threads"].items()
+    )
     top = "; ".join(f"{name} {share:.0%}" for name, share in stages)
     return f"{threads}; top stages: {top}"
 
@@ -231,7 +240,9 @@ def _headline(summary: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trades", type=int, default=500_000)
-    parser.add_argument("--rate", type=float, default=400_000.0, help="trades/s offered")
+    parser.add_argument(
+        "--rate", type=float, default=400_000.0, help="trades/s offered"
+    )
     parser.add_argument("--sink", choices=("sqlite", "jsonl"), default="sqlite")
     parser.add_argument("--hz", type=int, default=250, help="py-spy samples per second")
     parser.add_argument("--top", type=int, default=15, help="functions listed")

@@ -3,8 +3,9 @@
 A bundled exchange with three endpoints runs in a child process; the service
 runs in this process with production settings (only ``stable_after`` is
 shortened, so the bench need not wait 30 s between faults; a stable
-connection is what earns the immediate first reconnect). A tap on the
-pipeline's outlet notes when every live trade arrives. Each scenario waits
+connection is what earns the immediate first reconnect). A tap on
+``StreamSession.on_frame`` notes when each connection delivered its first
+data frame. Each scenario waits
 for a stable connection, injects one fault on the endpoint in use, and
 measures:
 
@@ -30,11 +31,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import statistics
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,17 +56,14 @@ from common import (
     until,
     wait_connected,
 )
+
+from k2stream.binance.feed import StreamSession
 from k2stream.binance.rest import WEIGHTS
 from k2stream.config import Settings
-from k2stream.feed.pipeline import Outlet
-from k2stream.records import SOURCE_WS, StreamKey, Trade
+from k2stream.records import StreamKey
 from k2stream.service import Service
 from k2stream.sinks.store import checkpoints
 
-
-SILENCE: float = 0.1
-"""A pause between live trades longer than this counts as an outage (trades
-come every 10 ms tick at the bench's rate)."""
 
 Inject = Callable[[ExchangeProcess, int], Awaitable[Any]]
 
@@ -83,8 +81,10 @@ async def _freeze(exchange: ExchangeProcess, endpoint: int) -> None:
 
 
 async def _refuse(exchange: ExchangeProcess, endpoint: int) -> None:
-    await exchange.fault("refuse", seconds=10.0, endpoint=endpoint)
-    await exchange.fault("kill", endpoint=endpoint)
+    # The primary refuses, whichever endpoint is in use: the reconnect tries
+    # it first, is refused, and must go on to the next one.
+    await exchange.fault("refuse", seconds=10.0, endpoint=0)
+    await exchange.fault("kill")
 
 
 SCENARIOS: dict[str, Inject] = {
@@ -95,55 +95,49 @@ SCENARIOS: dict[str, Inject] = {
 }
 
 
-@dataclass(slots=True)
-class Resumption:
-    """The first live trade after a silence."""
+class FrameTap:
+    """Notes, per connection, when its first and latest data frame arrived.
 
-    at: float
-    silent_since: float
-    key: StreamKey
-    id: int
+    Installed by wrapping ``StreamSession.on_frame`` (one session per
+    connection) for the life of the bench; nothing in ``src/`` changes.
+    """
 
+    def __init__(self) -> None:
+        self.first: dict[object, float] = {}
+        self.last: dict[object, float] = {}
 
-class LiveTap:
-    """Stands between the pipeline and the sink writer; notes silences in live data."""
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        real_on_frame = StreamSession.on_frame
 
-    def __init__(self, outlet: Outlet) -> None:
-        self._outlet = outlet
-        self.last_live = time.monotonic()
-        self.resumptions: list[Resumption] = []
+        def on_frame(session: StreamSession, frame: bytes) -> None:
+            if frame.startswith(b'{"stream"'):
+                now = time.monotonic()
+                self.first.setdefault(session, now)
+                self.last[session] = now
+            real_on_frame(session, frame)
 
-    def offer(self, trade: Trade) -> bool:
-        if trade.source == SOURCE_WS:
-            now = time.monotonic()
-            if now - self.last_live > SILENCE:
-                self.resumptions.append(
-                    Resumption(now, self.last_live, trade.key, trade.id)
-                )
-            self.last_live = now
-        return self._outlet.offer(trade)
+        setattr(StreamSession, "on_frame", on_frame)  # noqa: B010 - a method is replaced
+        try:
+            yield
+        finally:
+            setattr(StreamSession, "on_frame", real_on_frame)  # noqa: B010
 
-    @property
-    def available(self) -> bool:
-        return self._outlet.available
+    def data_since(self, session: object) -> float | None:
+        """When ``session`` delivered its first data frame, if it has."""
+        return self.first.get(session)
 
-    def resumed_after(self, moment: float) -> Resumption | None:
-        for resumption in self.resumptions:
-            if resumption.at > moment:
-                return resumption
-        return None
-
-
-def tap(service: Service) -> LiveTap:
-    pipeline = service.pipeline
-    assert pipeline is not None, "the service has not started"
-    live = LiveTap(pipeline.outlet)
-    pipeline.outlet = live
-    return live
+    def first_data_after(self, moment: float) -> float | None:
+        """The first data frame of the first connection opened after ``moment``."""
+        return min((t for t in self.first.values() if t > moment), default=None)
 
 
 async def scenario(
-    name: str, inject: Inject, exchange: ExchangeProcess, service: Service, live: LiveTap
+    name: str,
+    inject: Inject,
+    exchange: ExchangeProcess,
+    service: Service,
+    tap: FrameTap,
 ) -> dict[str, Any]:
     """Inject one fault on the endpoint in use; time the outage, detection and healing."""
     supervisor = service.supervisor
@@ -155,58 +149,81 @@ async def scenario(
         poll=0.05,
     )
     await asyncio.sleep(0.5)
-    link = supervisor.link
-    assert link is not None
+    old = supervisor.link
+    assert old is not None
+    key = keys_of(exchange)[0]
     backfilled = counter_total(service.metrics.backfilled)
 
     faulted_at = time.monotonic()
-    await inject(exchange, link.endpoint.index)
+    await inject(exchange, old.endpoint.index)
     detected_at = await until(
-        lambda: supervisor.link is not link, within=120, what="the fault noticed", poll=0.005
+        lambda: supervisor.link is not old,
+        within=120,
+        what="the fault noticed",
+        poll=0.002,
     )
     await until(
-        lambda: live.resumed_after(faulted_at) is not None,
+        lambda: (
+            supervisor.link is not None
+            and tap.data_since(supervisor.link.session) is not None
+        ),
         within=120,
-        what="live data again",
+        what="data on a new connection",
         poll=0.005,
     )
-    resumed = live.resumed_after(faulted_at)
-    assert resumed is not None
+    new = supervisor.link
+    assert new is not None
+    resumed_at = tap.data_since(new.session) or 0.0
+    target = service.sequencer.last_id(key) or 0
     healed_at = await until(
-        lambda: durable(service, resumed.key) >= resumed.id
-        and not service.sequencer.gaps(resumed.key),
+        lambda: durable(service, key) >= target and not service.sequencer.gaps(key),
         within=120,
         what="the gap healed",
         poll=0.01,
     )
 
-    now_on = supervisor.link.endpoint.label if supervisor.link else "none"
     return {
         "scenario": name,
-        "endpoint_faulted": link.endpoint.label,
-        "endpoint_after": now_on,
-        "without_data_s": resumed.at - faulted_at,
+        "endpoint_faulted": old.endpoint.label,
+        "endpoint_after": new.endpoint.label,
+        "without_data_s": resumed_at - faulted_at,
         "detected_s": detected_at - faulted_at,
         "healed_s": healed_at - faulted_at,
         "healed_trades": counter_total(service.metrics.backfilled) - backfilled,
     }
 
 
+async def clear(exchange: ExchangeProcess) -> None:
+    """End every fault, so that the next scenario starts from a healthy exchange."""
+    await exchange.fault("clear")
+
+
 async def heal_gap(
-    exchange: ExchangeProcess, settings: Settings, gap: int
-) -> dict[str, Any]:
-    """Start on the store of a stopped service once ``gap`` trades went by; time the healing."""
+    exchange: ExchangeProcess, settings: Settings, tap: FrameTap, gap: int
+) -> tuple[dict[StreamKey, int], dict[str, Any]]:
+    """Start on the store of a stopped service once ``gap`` trades went by; time the healing.
+
+    Returns the market's last ids (it is stopped and its tail stored at the
+    end) and the timings.
+    """
     key = keys_of(exchange)[0]
     checkpoint = checkpoints(settings.sink.removeprefix("sqlite:///"))[key]
     await until_market(exchange, key, checkpoint + gap)
 
     started = time.monotonic()
     async with running_service(settings) as service:
-        live = tap(service)
-        await until(lambda: bool(live.resumptions), 30, "live data", poll=0.005)
-        first = live.resumptions[0]
+        sequencer = service.sequencer
+        await until(
+            lambda: (sequencer.last_id(key) or 0) > checkpoint,
+            30,
+            "live data",
+            poll=0.002,
+        )
+        gaps = sequencer.gaps(key)
+        first_live = gaps[0][1] + 1 if gaps else checkpoint + 1
+        live_at = tap.first_data_after(started) or time.monotonic()
         healed_at = await until(
-            lambda: durable(service, key) >= first.id and not service.sequencer.gaps(key),
+            lambda: durable(service, key) >= first_live and not sequencer.gaps(key),
             within=300,
             what=f"the {gap:,}-trade gap healed",
             poll=0.01,
@@ -216,11 +233,21 @@ async def heal_gap(
         refusals = counter_total(metrics.rate_limited) + counter_total(metrics.bans)
         healed = counter_total(metrics.backfilled)
 
-    return {
-        "gap_trades": first.id - checkpoint - 1,
+        # Stop the market and store its tail, so that the audit can cover it all.
+        await exchange.stop_market()
+        last = await final_ids(exchange)
+        await until(
+            lambda: all(durable(service, k) >= v for k, v in last.items()),
+            within=120,
+            what="the tail stored",
+            poll=0.05,
+        )
+
+    return last, {
+        "gap_trades": first_live - checkpoint - 1,
         "healed_trades": healed,
-        "first_live_after_start_s": first.at - started,
-        "healed_after_first_live_s": healed_at - first.at,
+        "first_live_after_start_s": live_at - started,
+        "healed_after_first_live_s": healed_at - live_at,
         "rest_requests": pages,
         "rest_weight": pages * WEIGHTS["/api/v3/historicalTrades"],
         "rate_limited_or_banned": refusals,
@@ -230,16 +257,21 @@ async def heal_gap(
 
 def _rest_requests(counter: Any, path: str) -> float:
     """Requests to ``path`` counted by ``k2_binance_rest_requests_total``."""
-    return sum(
-        sample.value
-        for metric in counter.collect()
-        for sample in metric.samples
-        if sample.name.endswith("_total") and path in sample.labels.values()
+    return float(
+        sum(
+            sample.value
+            for metric in counter.collect()
+            for sample in metric.samples
+            if sample.name.endswith("_total") and path in sample.labels.values()
+        )
     )
 
 
 async def until_market(exchange: ExchangeProcess, key: StreamKey, last_id: int) -> None:
-    while (await exchange.last_id(key.symbol) or 0) < last_id:
+    """Until the market has published ``last_id`` for ``key``."""
+    while True:
+        if (await exchange.last_id(key.symbol) or 0) >= last_id:
+            return
         await asyncio.sleep(0.05)
 
 
@@ -252,30 +284,22 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 exchange, f"sqlite:///{db}", stable_after=str(args.stable_after)
             )
             runs = []
-            async with running_service(settings) as service:
-                await wait_connected(service)
-                live = tap(service)
-                for _ in range(args.repeat):
-                    for name in args.scenarios:
-                        result = await scenario(
-                            name, SCENARIOS[name], exchange, service, live
-                        )
-                        progress(f"  {result}")
-                        runs.append(result)
+            tap = FrameTap()
+            with tap.installed():
+                async with running_service(settings) as service:
+                    await wait_connected(service)
+                    for _ in range(args.repeat):
+                        for name in args.scenarios:
+                            result = await scenario(
+                                name, SCENARIOS[name], exchange, service, tap
+                            )
+                            progress(f"  {result}")
+                            runs.append(result)
+                            await clear(exchange)
 
-            progress(f"gap of {args.gap:,} trades across a restart")
-            gap = await heal_gap(exchange, settings, args.gap)
+                progress(f"gap of {args.gap:,} trades across a restart")
+                last, gap = await heal_gap(exchange, settings, tap, args.gap)
             progress(f"  {gap}")
-
-            await exchange.stop_market()
-            last = await final_ids(exchange)
-            async with running_service(settings) as service:
-                await until(
-                    lambda: all(durable(service, k) >= v for k, v in last.items()),
-                    within=120,
-                    what="the tail stored",
-                    poll=0.05,
-                )
         audit = audit_sqlite(db, last, first=None)
 
     return {
@@ -318,7 +342,9 @@ def _summary(result: dict[str, Any]) -> str:
     ]
     gap = result["gap"]
     audit = result["audit"]
-    verdict = "store complete" if audit["missing"] == 0 else f"{audit['missing']} MISSING"
+    verdict = (
+        "store complete" if audit["missing"] == 0 else f"{audit['missing']} MISSING"
+    )
     parts.append(
         f"{gap['gap_trades']:,}-trade gap healed {gap['healed_after_first_live_s']:.2f} s "
         f"after the first live trade ({gap['rest_requests']:.0f} REST requests, "
@@ -345,7 +371,9 @@ def main() -> None:
     args = parser.parse_args()
     unknown = set(args.scenarios) - set(SCENARIOS)
     if unknown:
-        parser.error(f"unknown scenario(s) {sorted(unknown)}; use {', '.join(SCENARIOS)}")
+        parser.error(
+            f"unknown scenario(s) {sorted(unknown)}; use {', '.join(SCENARIOS)}"
+        )
 
     quiet_logs()
     result = asyncio.run(run(args))

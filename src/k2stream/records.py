@@ -9,6 +9,7 @@ dictionaries it may not need.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from typing import Any, Final, NamedTuple
 
@@ -28,6 +29,7 @@ SOURCE_REST: Final = "rest"
 
 _MESSAGE_ID_NAMESPACE: Final = uuid.UUID("6f1d3c2a-5b0e-4e8f-9a47-2d1f0c9b7e31")
 """Fixed namespace for message ids, so that a replay of a trade carries the same id."""
+_NAMESPACE_BYTES: Final = _MESSAGE_ID_NAMESPACE.bytes
 
 
 class StreamKey(NamedTuple):
@@ -84,9 +86,18 @@ def trade_id(trade: Trade) -> str:
 
 
 def message_id(exchange: str, symbol: str, stream: str, id_: int) -> str:
-    """A UUID derived from what identifies the trade, identical on every replay."""
-    name = f"{exchange}:{symbol}:{stream}:{id_}"
-    return str(uuid.uuid5(_MESSAGE_ID_NAMESPACE, name))
+    """A UUID derived from what identifies the trade, identical on every replay.
+
+    It is ``uuid.uuid5(namespace, "exchange:symbol:stream:id")`` (RFC 4122,
+    name-based, SHA-1), computed without building a ``UUID`` object, which
+    costs several times the hash on the sinks' hot path.
+    """
+    name = f"{exchange}:{symbol}:{stream}:{id_}".encode()
+    digest = bytearray(hashlib.sha1(_NAMESPACE_BYTES + name).digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
+    digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
+    h = digest.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def to_trade_v2(trade: Trade) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from k2stream.feed.rotation import Stability, rotation_delay
 from k2stream.feed.settings import FeedSettings
 from k2stream.feed.watchdog import RateWatchdog
 from k2stream.observe.metrics import Metrics
-from k2stream.records import BINANCE_US, StreamKey
+from k2stream.records import StreamKey
 
 
 log = structlog.get_logger(__name__)

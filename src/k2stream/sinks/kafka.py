@@ -17,6 +17,7 @@ Messages on the trade topic::
 
     key      the symbol, so that one symbol's trades stay in one partition
     value    TradeV2 as JSON (default) or Avro single-object encoding
+             (k2stream.sinks.avro)
     headers  k2-dedup-key   exchange:symbol:stream:id
              k2-message-id  the TradeV2 message_id (a UUIDv5 of the same)
              k2-source      ws or rest
@@ -29,16 +30,12 @@ topic to its end and keeps the highest ``last_id`` per key.
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
-from importlib import resources
 from typing import TYPE_CHECKING, Any, Final, Literal
 from urllib.parse import parse_qs, urlsplit
 
@@ -56,6 +53,7 @@ from confluent_kafka.cimpl import NewTopic
 
 from k2stream.clock import SYSTEM_CLOCK, Clock
 from k2stream.records import StreamKey, Trade, to_trade_v2
+from k2stream.sinks.avro import _avro_values
 from k2stream.sinks.base import SinkError, SinkUnavailable, SinkUrl
 
 
@@ -84,12 +82,12 @@ HEADER_MESSAGE_ID: Final = "k2-message-id"
 HEADER_SOURCE: Final = "k2-source"
 HEADER_FORMAT: Final = "k2-format"
 
-AVRO_MARKER: Final = b"\xc3\x01"
-"""The two bytes that open an Avro single-object encoded value (Avro 1.8+ spec,
-"Single-object encoding"); the schema's 8-byte CRC-64-AVRO fingerprint follows."""
-
-TRADE_V2_SCHEMA: Final = "schemas/trade_v2.avsc"
-"""The TradeV2 Avro schema, relative to the ``k2stream.sinks`` package."""
+_QUERY_OPTIONS: Final = (
+    "format",
+    "checkpoint_topic",
+    "delivery_timeout",
+    "open_timeout",
+)
 
 _TOPIC_NAME: Final = re.compile(r"[A-Za-z0-9._-]{1,249}")
 """What Kafka accepts as a topic name."""
@@ -144,17 +142,8 @@ def parse_kafka_url(url: str) -> KafkaUrl:
     topic = parts.path.removeprefix("/") or DEFAULT_TOPIC
     _check_topic(url, topic)
 
-    try:
-        query = parse_qs(parts.query, keep_blank_values=True, strict_parsing=False)
-    except ValueError as exc:
-        raise _invalid(url, f"its query cannot be read ({exc})") from exc
-
-    unknown = set(query) - {
-        "format",
-        "checkpoint_topic",
-        "delivery_timeout",
-        "open_timeout",
-    }
+    query = parse_qs(parts.query, keep_blank_values=True)
+    unknown = set(query) - set(_QUERY_OPTIONS)
     if unknown:
         raise _invalid(url, f"unknown option {', '.join(sorted(unknown))}")
 
@@ -173,7 +162,7 @@ def parse_kafka_url(url: str) -> KafkaUrl:
     options = {
         name: _seconds(url, name, text)
         for name in ("delivery_timeout", "open_timeout")
-        if (text := _one(query, name))
+        if (text := _one(query, name)) is not None
     }
     return KafkaUrl(
         brokers,
@@ -238,7 +227,7 @@ class KafkaSink:
         self._clock = clock
 
         # Fails here, at start-up, rather than at the first batch.
-        self._encode = _AvroValues().encode if value_format == "avro" else _json_value
+        self._encode = _avro_values().encode if value_format == "avro" else _json_value
         self._format_header = value_format.encode()
         self._producer: Producer | None = None
         self._compression = ""
@@ -318,6 +307,10 @@ class KafkaSink:
         config: dict[str, Any] = {
             "bootstrap.servers": self.bootstrap,
             "client.id": "k2stream",
+            # librdkafka backs off up to 10 s between attempts to reach a
+            # broker; 1 s (the Java client's default) resumes delivery sooner
+            # after an outage, at the cost of a few more connection attempts.
+            "reconnect.backoff.max.ms": 1000,
             "logger": _ClientLog(),
             "error_cb": self._on_client_error,
         }
@@ -648,23 +641,6 @@ def from_url(url: SinkUrl | str, **options: Any) -> KafkaSink:
     return KafkaSink(parsed.brokers, parsed.topic, **settings)
 
 
-def trade_v2_schema() -> dict[str, Any]:
-    """The TradeV2 Avro schema shipped with k2stream, as parsed JSON."""
-    text = resources.files("k2stream.sinks").joinpath(TRADE_V2_SCHEMA).read_text()
-    schema: dict[str, Any] = json.loads(text)
-    return schema
-
-
-def decode_avro_value(value: bytes) -> dict[str, Any]:
-    """Read a value the sink wrote with ``format=avro`` back into a TradeV2 dict.
-
-    fastavro reads the logical types: prices and quantities come back as
-    :class:`~decimal.Decimal` with 8 places, timestamps as aware UTC
-    datetimes and ``message_id`` as a :class:`~uuid.UUID`. Raises ValueError for a value written with another schema.
-    """
-    return _AvroValues().decode(value)
-
-
 _Headers = list[tuple[str, str | bytes | None]]
 
 _Message = tuple[str, bytes, bytes, _Headers | None]
@@ -697,95 +673,6 @@ _JSON_ENCODER: Final = msgspec.json.Encoder()
 
 def _json_value(record: dict[str, Any]) -> bytes:
     return _JSON_ENCODER.encode(record)
-
-
-class _AvroValues:
-    """TradeV2 in Avro single-object encoding: marker, fingerprint, body.
-
-    Values are written with the schema's physical types (the decimals turned
-    into their two's-complement bytes here) and read with its logical types.
-    Logical types change neither the bytes on the wire nor the fingerprint,
-    which is taken over the parsing canonical form; writing without them
-    halves fastavro's time per record.
-    """
-
-    def __init__(self) -> None:
-        try:
-            import fastavro
-        except ImportError as exc:
-            raise SinkError(
-                "format=avro needs fastavro, which is not installed; "
-                "pip install fastavro (or k2stream[kafka]), or use format=json"
-            ) from exc
-
-        self._fastavro = fastavro
-        schema = trade_v2_schema()
-        self._reader_schema = fastavro.parse_schema(schema)
-        self._writer_schema = fastavro.parse_schema(_physical(schema))
-        canonical = fastavro.schema.to_parsing_canonical_form(self._reader_schema)
-        fingerprint = fastavro.schema.fingerprint(canonical, "CRC-64-AVRO")
-        self.header = AVRO_MARKER + bytes.fromhex(fingerprint)
-
-    def encode(self, record: dict[str, Any]) -> bytes:
-        record = {
-            **record,
-            "price": _decimal_bytes(record["price"], "price"),
-            "quantity": _decimal_bytes(record["quantity"], "quantity"),
-        }
-        body = io.BytesIO()
-        body.write(self.header)
-        self._fastavro.schemaless_writer(body, self._writer_schema, record)
-        return body.getvalue()
-
-    def decode(self, value: bytes) -> dict[str, Any]:
-        if not value.startswith(self.header):
-            raise ValueError(
-                "the value is not TradeV2 in Avro single-object encoding: its "
-                f"first bytes are {value[:10].hex()}, expected {self.header.hex()}"
-            )
-
-        body = io.BytesIO(value[len(self.header) :])
-        record = self._fastavro.schemaless_reader(body, self._reader_schema, None)
-        if not isinstance(record, dict):
-            raise ValueError("the Avro value is not a TradeV2 record")
-        return record
-
-
-_LOGICAL_KEYS: Final = frozenset({"logicalType", "precision", "scale"})
-
-_AVRO_SCALE: Final = 8
-_AVRO_QUANTUM: Final = Decimal(1).scaleb(-_AVRO_SCALE)
-_AVRO_PRECISION: Final = 18
-
-
-def _physical(node: Any) -> Any:
-    """A copy of the schema ``node`` without its logical-type annotations."""
-    if isinstance(node, list):
-        return [_physical(item) for item in node]
-    if not isinstance(node, dict):
-        return node
-
-    kept = {k: _physical(v) for k, v in node.items() if k not in _LOGICAL_KEYS}
-    # {"type": "long"} is "long"; fastavro writes the short form faster.
-    return kept["type"] if kept.keys() == {"type"} else kept
-
-
-def _decimal_bytes(text: str, name: str) -> bytes:
-    """``text`` as Avro ``decimal(18, 8)`` bytes: the big-endian two's complement
-    of the value times 10**8. ValueError when it does not fit exactly."""
-    try:
-        value = Decimal(text)
-        scaled = value.quantize(_AVRO_QUANTUM)
-    except InvalidOperation as exc:
-        raise ValueError(f"{name}={text!r} is not a decimal number") from exc
-
-    if scaled != value:
-        raise ValueError(f"{name}={text} has more than {_AVRO_SCALE} decimal places")
-    if len(scaled.as_tuple().digits) > _AVRO_PRECISION:
-        raise ValueError(f"{name}={text} has more than {_AVRO_PRECISION} digits")
-
-    unscaled = int(scaled.scaleb(_AVRO_SCALE))
-    return unscaled.to_bytes((unscaled.bit_length() + 8) // 8, "big", signed=True)
 
 
 class _DeliveryReports:
