@@ -578,6 +578,11 @@ def _check(values: dict[str, Any]) -> None:
         )
     if not values["endpoint"]:
         raise ConfigError("--endpoint: at least one endpoint is needed")
+    if values["rotate_after"] > 86_400:
+        raise ConfigError(
+            f"--rotate-after: {values['rotate_after']} is past Binance's 24 h "
+            "(86400 s) connection lifetime; use at most 86400"
+        )
     if values["streams_per_connection"] > 1024:
         raise ConfigError(
             f"--streams-per-connection: {values['streams_per_connection']} is over "

@@ -185,8 +185,7 @@ class Service:
             max_backfill=settings.max_backfill,
             on_lost=self._on_lost,
         )
-        self.sequencer._on_gap = backfiller.notify
-        self.sequencer._on_healed = self._on_healed
+        self.sequencer.listen(backfiller.notify, self._on_healed)
 
         self.supervisors = self._supervisors(endpoints, normalizers, pipeline, http)
         self.supervisor = self.supervisors[0]

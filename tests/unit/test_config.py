@@ -75,6 +75,8 @@ def test_operator_endpoint_variables_build_the_ordered_list():
             "at least --reconnect-delay",
         ),
         ({"shard": "2/2"}, {}, "I/N"),
+        ({"rotate_after": "90000"}, {}, "24 h"),
+        ({"streams_per_connection": "2000"}, {}, "1024"),
     ],
 )
 def test_bad_values_name_the_option_and_what_is_accepted(flags, environ, fragment):

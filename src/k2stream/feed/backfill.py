@@ -12,6 +12,7 @@ error level, counted, and reported with its range.
 from __future__ import annotations
 
 import asyncio
+import collections
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -80,7 +81,8 @@ class Backfiller:
         self._on_lost = on_lost
         self._pending: set[StreamKey] = set()
         self._wake = asyncio.Event()
-        self.lost: list[LostRange] = []
+        self.lost: collections.deque[LostRange] = collections.deque(maxlen=100)
+        """The most recent lost ranges, for /status; the store's gaps table keeps them all."""
         self.healed_trades = 0
         self.busy = False
 

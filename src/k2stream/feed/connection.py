@@ -26,6 +26,9 @@ log = structlog.get_logger(__name__)
 
 _ENCODE = msgspec.json.Encoder()
 
+_closing: set[asyncio.Task[None]] = set()
+"""Closes under way after an abort; held so that they are not collected mid-way."""
+
 
 class ConnectError(Exception):
     """Opening a connection failed.
@@ -218,7 +221,9 @@ class Connection:
         ws = self._ws
         if ws is not None and not ws.closed:
             # Closing with a short timeout: a silent peer must not hold us.
-            asyncio.get_running_loop().create_task(_close_quietly(ws))
+            task = asyncio.get_running_loop().create_task(_close_quietly(ws))
+            _closing.add(task)
+            task.add_done_callback(_closing.discard)
 
     async def _send_heartbeats(self) -> None:
         while True:

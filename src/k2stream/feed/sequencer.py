@@ -46,6 +46,15 @@ class Sequencer:
         self._on_gap = on_gap
         self._on_healed = on_healed
 
+    def listen(
+        self,
+        on_gap: GapListener | None = None,
+        on_healed: Callable[[StreamKey], None] | None = None,
+    ) -> None:
+        """Set who hears of new gaps and of gaps closed (the backfill, the metrics)."""
+        self._on_gap = on_gap
+        self._on_healed = on_healed
+
     def resume(self, key: StreamKey, last_id: int) -> None:
         """Continue ``key`` after a checkpoint: ids from ``last_id + 1`` are expected."""
         self._sequences[key] = _Sequence(next_id=last_id + 1)

@@ -109,7 +109,7 @@ def build_status(service: Service) -> dict[str, Any]:
                     "last": lost.last,
                     "reason": lost.reason,
                 }
-                for lost in (backfiller.lost[-20:] if backfiller else [])
+                for lost in (list(backfiller.lost)[-20:] if backfiller else [])
             ],
         },
         "rest": rest,
