@@ -144,7 +144,12 @@ async def profile(args: argparse.Namespace, stacks: Path) -> dict[str, Any]:
             path = Path(tmp) / (
                 "trades.db" if args.sink == "sqlite" else "trades.jsonl"
             )
-            settings = service_settings(exchange, f"{args.sink}:///{path}")
+            # The whole burst fits the writer's buffer, as in pipeline_throughput.
+            settings = service_settings(
+                exchange,
+                f"{args.sink}:///{path}",
+                max_backlog=str(args.trades + args.trades // 10),
+            )
             async with running_service(settings) as service:
                 await wait_connected(service)
                 burst = exchange.queue_burst()

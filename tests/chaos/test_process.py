@@ -45,7 +45,8 @@ def stored(db: Path) -> int:
         return 0
     try:
         return sum(rows for rows, _, _ in counts(db).values())
-    except sqlite3.Error:
+    except (sqlite3.Error, ValueError):
+        # The file exists a moment before its schema does.
         return 0
 
 
