@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from k2stream.config import Settings, resolve
@@ -45,6 +46,39 @@ def exchange_config(**overrides: Any) -> ExchangeConfig:
     values: dict[str, Any] = {"symbols": SYMBOLS, "seed": 11, "ws_ports": (0, 0, 0)}
     values.update(overrides)
     return ExchangeConfig(**values)
+
+
+@pytest.fixture
+async def start_exchange(
+    request: pytest.FixtureRequest,
+) -> AsyncIterator[Callable[..., Any]]:
+    """Start exchanges with the test module's ``SYMBOLS`` and test timings; stop them afterwards."""
+    started: list[Exchange] = []
+
+    async def start(**overrides: Any) -> Exchange:
+        settings: dict[str, Any] = {
+            "symbols": getattr(request.module, "SYMBOLS", SYMBOLS),
+            "seed": 7,
+            "ws_ports": (0, 0),
+            "ping_interval": 20.0,
+            "close_timeout": 0.5,
+        }
+        settings.update(overrides)
+        running = Exchange(ExchangeConfig(**settings))
+        await running.start()
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        await running.stop()
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    """An HTTP and WebSocket client session."""
+    async with aiohttp.ClientSession() as client_session:
+        yield client_session
 
 
 @pytest.fixture

@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import pytest
 
-from k2stream.exchange import Exchange, ExchangeConfig, SymbolSpec
+from k2stream.exchange import Exchange, SymbolSpec
 
 
 SYMBOLS = (
@@ -22,36 +22,6 @@ SYMBOLS = (
 StartExchange = Callable[..., Awaitable[Exchange]]
 TEXT = aiohttp.WSMsgType.TEXT
 ENDINGS = (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR)
-
-
-@pytest.fixture
-async def start_exchange() -> AsyncIterator[StartExchange]:
-    """Start exchanges with two endpoints and test timings; stop them afterwards."""
-    started: list[Exchange] = []
-
-    async def start(**overrides: Any) -> Exchange:
-        settings: dict[str, Any] = {
-            "symbols": SYMBOLS,
-            "seed": 7,
-            "ws_ports": (0, 0),
-            "ping_interval": 20.0,
-            "close_timeout": 0.5,
-        }
-        settings.update(overrides)
-        exchange = Exchange(ExchangeConfig(**settings))
-        await exchange.start()
-        started.append(exchange)
-        return exchange
-
-    yield start
-    for exchange in started:
-        await exchange.stop()
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as client_session:
-        yield client_session
 
 
 async def collect(

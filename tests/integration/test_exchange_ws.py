@@ -6,13 +6,13 @@ import asyncio
 import json
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import pytest
 
-from k2stream.exchange import Exchange, ExchangeConfig, SymbolSpec
+from k2stream.exchange import Exchange, SymbolSpec
 
 
 SYMBOLS = (
@@ -30,36 +30,6 @@ SYMBOLS = (
 )
 
 StartExchange = Callable[..., Awaitable[Exchange]]
-
-
-@pytest.fixture
-async def start_exchange() -> AsyncIterator[StartExchange]:
-    """Start exchanges with test timings; stop them all afterwards."""
-    started: list[Exchange] = []
-
-    async def start(**overrides: Any) -> Exchange:
-        settings: dict[str, Any] = {
-            "symbols": SYMBOLS,
-            "seed": 7,
-            "ws_ports": (0, 0),
-            "ping_interval": 20.0,
-            "close_timeout": 0.5,
-        }
-        settings.update(overrides)
-        exchange = Exchange(ExchangeConfig(**settings))
-        await exchange.start()
-        started.append(exchange)
-        return exchange
-
-    yield start
-    for exchange in started:
-        await exchange.stop()
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as client_session:
-        yield client_session
 
 
 async def events(
