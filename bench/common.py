@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import platform
+import subprocess
 import sys
 import threading
 import time
@@ -42,8 +43,6 @@ from k2stream.records import BINANCE, TRADE, StreamKey
 from k2stream.service import Service
 from k2stream.sinks.store import count_ids, counts
 
-
-log = structlog.get_logger(__name__)
 
 BENCH_DIR: Final = Path(__file__).resolve().parent
 
@@ -68,6 +67,7 @@ def machine() -> dict[str, Any]:
                 model = line.split(":", 1)[1].strip()
                 break
     return {
+        "commit": _commit(),
         "nproc": os.cpu_count(),
         "cpu_model": model,
         "python": platform.python_version(),
@@ -76,11 +76,25 @@ def machine() -> dict[str, Any]:
     }
 
 
+def _commit() -> str:
+    """The checked-out commit, with ``+changes`` when the work tree differs from it."""
+
+    def git(*args: str) -> str:
+        done = subprocess.run(
+            ["git", *args], cwd=BENCH_DIR, capture_output=True, text=True, check=False
+        )
+        return done.stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", "src")
+    return head + ("+changes" if changed else "")
+
+
 def quiet_logs(level: int = logging.ERROR) -> None:
     """Drop log events below ``level``: the benchmarks measure work, not printing.
 
-    The service logs per connection and per gap, never per trade, so in
-    production its log output costs nothing measurable on the hot path.
+    In normal operation the service logs per connection and per gap, never
+    per trade, so its log output costs nothing measurable on the hot path.
     """
     structlog.configure(
         wrapper_class=structlog.make_filtering_bound_logger(level),
@@ -304,6 +318,13 @@ class ExchangeProcess:
 
     async def stop_market(self) -> None:
         await self.control("/market/stop")
+
+    async def connections(self) -> int:
+        """Client connections open on all endpoints now."""
+        assert self._http is not None
+        async with self._http.get(self.control_url + "/status") as answer:
+            status = await answer.json()
+        return sum(endpoint["connections"] for endpoint in status["endpoints"])
 
     async def last_id(self, symbol: str, stream: str = TRADE) -> int | None:
         """The newest id the market generated for ``symbol``."""

@@ -32,21 +32,28 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import dataclasses
 import os
+import signal
+import sqlite3
+import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 from common import (
+    BENCH_DIR,
     ExchangeProcess,
     MarketPlan,
     add_json_option,
     audit_jsonl,
     audit_sqlite,
     counter_total,
+    cpu_seconds,
     durable,
     final_ids,
     keys_of,
@@ -63,7 +70,8 @@ from common import (
 from k2stream.binance.messages import Envelope, TradeEvent, decode
 from k2stream.binance.streams import combined_url, names_for
 from k2stream.records import TRADE, StreamKey
-from k2stream.service import Service
+from k2stream.service import Service, shard_symbols
+from k2stream.sinks.store import checkpoints
 
 
 DRAIN_LIMIT = 900.0
@@ -103,7 +111,11 @@ class Window:
 
 
 async def raw_phase(plan: MarketPlan, live: bool) -> dict[str, Any]:
-    """Receive and decode every frame, nothing more: the ceiling."""
+    """Receive and decode every frame, nothing more: the ceiling.
+
+    The loop is shaped like ``Connection.read`` (one ``receive`` per frame) and
+    checks only that ids follow each other.
+    """
     url_names = names_for(plan.symbols, [TRADE])
     async with (
         ExchangeProcess(plan) as exchange,
@@ -116,19 +128,22 @@ async def raw_phase(plan: MarketPlan, live: bool) -> dict[str, Any]:
         ) as ws,
     ):
         generated_in = None
+        expected: int | None = None
         if live:
             window = Window(exchange)
             await exchange.start_market()
-            last = None
         else:
             burst = exchange.queue_burst()
-            generated_in, last = burst.seconds, _by_symbol(burst.last)
+            generated_in, expected = burst.seconds, sum(burst.last.values())
             window = Window(exchange)
 
-        wanted = plan.stop_after or 0
+        wanted = (plan.stop_after or 0) * len(plan.symbols)
         newest = dict.fromkeys(plan.symbols, 0)
-        gaps = 0
-        async for message in ws:
+        received = gaps = 0
+        while received != expected:
+            message = await ws.receive()
+            if message.type is not aiohttp.WSMsgType.TEXT:
+                raise RuntimeError(f"the stream ended early: {message.type.name}")
             event = decode(message.data)
             if type(event) is not Envelope or type(event.data) is not TradeEvent:
                 continue
@@ -136,12 +151,10 @@ async def raw_phase(plan: MarketPlan, live: bool) -> dict[str, Any]:
             if trade.id != newest[trade.symbol] + 1:
                 gaps += 1
             newest[trade.symbol] = trade.id
-
-            if last is None and min(newest.values()) >= wanted:
-                last = _by_symbol(await final_ids(exchange))
-            if newest == last:
-                break
-        result = window.close(sum(newest.values()))
+            received += 1
+            if expected is None and received >= wanted:
+                expected = sum((await final_ids(exchange)).values())
+        result = window.close(received)
 
     return {**result, "exchange_generated_in_seconds": generated_in, "missing": gaps}
 
@@ -197,6 +210,135 @@ async def service_phase(
     }
 
 
+async def sharded_phase(
+    plan: MarketPlan, directory: Path, max_backlog: int
+) -> dict[str, Any]:
+    """One ``k2stream run --shard i/N`` process per symbol, each into its own store.
+
+    Each process has its own interpreter and GIL: this is how k2stream scales
+    out. The processes are stopped (SIGSTOP) while the burst is queued, so
+    that they too drain it flat out once continued.
+    """
+    shards = len(plan.symbols)
+    async with ExchangeProcess(plan) as exchange:
+        stores = [directory / f"shard{i}.db" for i in range(shards)]
+        processes = [
+            await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "k2stream",
+                "run",
+                *[arg for url in exchange.ws_urls for arg in ("--endpoint", url)],
+                "--rest-url",
+                exchange.rest_url,
+                "--symbols",
+                ",".join(plan.symbols),
+                "--shard",
+                f"{i}/{shards}",
+                "--sink",
+                f"sqlite:///{store}",
+                "--metrics-port",
+                "0",
+                "--max-backlog",
+                str(max_backlog),
+                "--log-level",
+                "error",
+                stdout=asyncio.subprocess.DEVNULL,
+                env={**os.environ, "PYTHONPATH": str(BENCH_DIR.parent / "src")},
+            )
+            for i, store in enumerate(stores)
+        ]
+        try:
+            await until_async(
+                lambda: _connected(exchange, shards), 30, "every shard connected"
+            )
+            for process in processes:
+                process.send_signal(signal.SIGSTOP)
+            burst = exchange.queue_burst()
+            started = time.perf_counter()
+            cpu = [cpu_seconds(process.pid) for process in processes]
+            for process in processes:
+                process.send_signal(signal.SIGCONT)
+
+            done = await _stores_reach(stores, burst.last)
+            elapsed = time.perf_counter() - started
+            cpu = [cpu_seconds(p.pid) - c for p, c in zip(processes, cpu, strict=True)]
+        finally:
+            for process in processes:
+                with contextlib.suppress(ProcessLookupError):
+                    process.send_signal(signal.SIGCONT)
+                    process.terminate()
+            for process in processes:
+                await process.wait()
+
+    trades = sum(burst.last.values())
+    audits = [
+        audit_sqlite(store, {key: last_id})
+        for store, (key, last_id) in zip(stores, _shard_order(burst.last), strict=True)
+    ]
+    return {
+        "processes": shards,
+        "trades": trades,
+        "seconds": elapsed,
+        "trades_per_second": trades / elapsed,
+        "cpu_us_per_trade": sum(cpu) / trades * 1e6,
+        "per_process_seconds": done,
+        "exchange_generated_in_seconds": burst.seconds,
+        "load_average_1m": os.getloadavg()[0],
+        "expected": sum(a["expected"] for a in audits),
+        "rows": sum(a["rows"] for a in audits),
+        "missing": sum(a["missing"] for a in audits),
+    }
+
+
+async def _connected(exchange: ExchangeProcess, count: int) -> bool:
+    return await exchange.connections() >= count
+
+
+async def until_async(
+    condition: Callable[[], Awaitable[bool]], within: float, what: str
+) -> None:
+    deadline = time.monotonic() + within
+    while not await condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no {what} within {within} s")
+        await asyncio.sleep(0.1)
+
+
+def _shard_order(last: Mapping[StreamKey, int]) -> list[tuple[StreamKey, int]]:
+    """Each shard's one key, in shard order (see ``service.shard_symbols``)."""
+    symbols = [key.symbol for key in last]
+    ordered = []
+    for index in range(len(symbols)):
+        owned = shard_symbols(symbols, index, len(symbols))
+        if len(owned) != 1:
+            raise ValueError(
+                f"shard {index} of {len(symbols)} owns {owned}; the sharded phase "
+                "needs symbols that hash to one shard each"
+            )
+        ordered += [(key, v) for key, v in last.items() if key.symbol == owned[0]]
+    return ordered
+
+
+async def _stores_reach(
+    stores: list[Path], last: Mapping[StreamKey, int]
+) -> list[float]:
+    """Poll each store's checkpoints until its key is durable to the last id."""
+    started = time.perf_counter()
+    wanted = dict(zip(stores, _shard_order(last), strict=True))
+    finished: dict[Path, float] = {}
+    while len(finished) < len(stores):
+        for store, (key, last_id) in wanted.items():
+            if store not in finished and store.exists():
+                with contextlib.suppress(FileNotFoundError, ValueError, sqlite3.Error):
+                    if checkpoints(store).get(key, -1) >= last_id:
+                        finished[store] = time.perf_counter() - started
+        if time.perf_counter() - started > DRAIN_LIMIT:
+            raise TimeoutError(f"the shards were not durable within {DRAIN_LIMIT} s")
+        await asyncio.sleep(0.02)
+    return [finished[store] for store in stores]
+
+
 async def _drain(service: Service, last: Mapping[StreamKey, int]) -> float:
     """Wait until the last ids are durable; returns when they had all been received."""
     started = time.perf_counter()
@@ -206,6 +348,11 @@ async def _drain(service: Service, last: Mapping[StreamKey, int]) -> float:
             _received(service, key) >= last_id for key, last_id in last.items()
         ):
             received_at = time.perf_counter()
+        if service.stopped:
+            raise RuntimeError(
+                "the service stopped before the burst was durable; its error "
+                "log above says why"
+            )
         if time.perf_counter() - started > DRAIN_LIMIT:
             raise TimeoutError(
                 f"the burst was not durable within {DRAIN_LIMIT} s; received up to "
@@ -218,10 +365,6 @@ async def _drain(service: Service, last: Mapping[StreamKey, int]) -> float:
 
 def _received(service: Service, key: StreamKey) -> int:
     return service.sequencer.last_id(key) or 0
-
-
-def _by_symbol(last: Mapping[StreamKey, int]) -> dict[str, int]:
-    return {key.symbol: last_id for key, last_id in last.items()}
 
 
 def _summary(phases: Mapping[str, Mapping[str, Any]]) -> str:
@@ -249,6 +392,15 @@ def _summary(phases: Mapping[str, Mapping[str, Any]]) -> str:
             f"{name} {phase['trades_per_second']:,.0f} trades/s "
             f"({phase['cpu_us_per_trade']:.1f} us CPU/trade{ratio}, {verdict})"
         )
+    sharded = phases.get("sharded")
+    if sharded:
+        complete = sharded["missing"] == 0 and sharded["rows"] == sharded["expected"]
+        parts.append(
+            f"sqlite in {sharded['processes']} shard processes "
+            f"{sharded['trades_per_second']:,.0f} trades/s together "
+            f"({sharded['cpu_us_per_trade']:.1f} us CPU/trade, "
+            f"{'complete' if complete else 'INCOMPLETE'})"
+        )
     if raw:
         verdict = "no gap" if raw["missing"] == 0 else f"{raw['missing']} GAPS"
         parts.append(
@@ -275,14 +427,21 @@ async def run(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         stop_after=args.trades // args.symbols,
     )
     mode = "live" if args.live else "queued burst"
-    max_backlog = args.max_backlog or args.trades + args.trades // 10
+    # The market overshoots stop_after by up to a few ticks of trades.
+    max_backlog = args.max_backlog or 2 * args.trades
     phases: dict[str, dict[str, Any]] = {}
     for name in args.phases:
-        progress(
-            f"phase {name} ({mode}): {plan.stop_after:,} trades x {args.symbols} symbol(s)"
-        )
+        progress(f"phase {name} ({mode}): {args.trades:,} trades")
         if name == "raw":
             phases[name] = await raw_phase(plan, args.live)
+        elif name == "sharded":
+            sharded = dataclasses.replace(
+                plan,
+                rates=(args.rate, args.rate),
+                stop_after=args.trades // 2,
+            )
+            with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+                phases[name] = await sharded_phase(sharded, Path(tmp), max_backlog)
         else:
             with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
                 file = "trades.db" if name == "sqlite" else "trades.jsonl"
@@ -314,22 +473,27 @@ def main() -> None:
     parser.add_argument(
         "--phases",
         type=lambda text: [p for p in text.split(",") if p],
-        default=["raw", "sqlite", "jsonl"],
-        help="comma-separated, from raw, sqlite, jsonl",
+        default=["raw", "sqlite", "jsonl", "sharded"],
+        help="comma-separated, from raw, sqlite, jsonl, sharded (two processes, "
+        "one symbol each)",
     )
     parser.add_argument(
         "--max-backlog",
         type=int,
         default=None,
-        help="the writer's buffer; by default the burst fits (trades + 10 %%), "
+        help="the writer's buffer; by default twice the burst, so that it fits; "
         "250000 is production's",
     )
     parser.add_argument("--dir", type=Path, default=None, help="where the stores go")
     add_json_option(parser)
     args = parser.parse_args()
-    unknown = set(args.phases) - {"raw", "sqlite", "jsonl"}
+    unknown = set(args.phases) - {"raw", "sqlite", "jsonl", "sharded"}
     if unknown:
-        parser.error(f"unknown phase(s) {sorted(unknown)}; use raw, sqlite, jsonl")
+        parser.error(
+            f"unknown phase(s) {sorted(unknown)}; use raw, sqlite, jsonl, sharded"
+        )
+    if "sharded" in args.phases and args.live:
+        parser.error("the sharded phase drains a queued burst; drop --live")
 
     quiet_logs()
     phases = asyncio.run(run(args))

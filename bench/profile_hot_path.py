@@ -148,7 +148,7 @@ async def profile(args: argparse.Namespace, stacks: Path) -> dict[str, Any]:
             settings = service_settings(
                 exchange,
                 f"{args.sink}:///{path}",
-                max_backlog=str(args.trades + args.trades // 10),
+                max_backlog=str(2 * args.trades),
             )
             async with running_service(settings) as service:
                 await wait_connected(service)

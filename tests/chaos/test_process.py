@@ -146,6 +146,49 @@ async def test_a_locked_store_delays_writes_but_loses_nothing(
     assert errors and errors >= 1
 
 
+async def test_a_full_backlog_becomes_gaps_healed_once_the_store_is_back(
+    exchange, start_service, tmp_path
+):
+    """Store locked past max_backlog: refused trades become gaps, healed from REST later."""
+    from conftest import settings_for
+
+    db = tmp_path / "t.db"
+    settings = settings_for(exchange, db, sink_busy_timeout="0.1", max_backlog="200")
+    run = await start_service(settings)
+    await wait_for(lambda: run.service.delivered > 300, what="flowing")
+
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        "import sqlite3,sys,time; c=sqlite3.connect(sys.argv[1], isolation_level=None);"
+        "c.execute('BEGIN EXCLUSIVE'); print('locked', flush=True); time.sleep(3);"
+        "c.execute('COMMIT')",
+        str(db),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert holder.stdout is not None
+    assert b"locked" in await holder.stdout.readline()
+    metrics = run.service.metrics.registry
+    await wait_for(
+        lambda: (
+            (
+                metrics.get_sample_value(
+                    "k2_sink_dropped_trades_total", {"sink": "sqlite"}
+                )
+                or 0
+            )
+            > 100
+        ),
+        within=8,
+        what="trades refused by the full backlog",
+    )
+    await holder.wait()
+
+    assert 0 == await run.stop(exchange, within=30)
+    assert_complete(exchange, db)
+    assert run.service.backfiller.healed_trades > 100
+
+
 async def test_an_unknown_symbol_exits_2_naming_it(exchange, tmp_path):
     """A symbol the venue does not list stops start-up with exit 2 and its name."""
     db = tmp_path / "t.db"

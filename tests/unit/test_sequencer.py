@@ -120,3 +120,18 @@ def test_sequences_are_independent_per_venue():
 
     assert [] == gaps
     assert {KEY: 1001, us: 6} == sequencer.checkpoints()
+
+
+def test_refusals_next_to_a_gap_join_it():
+    """A refused id touching a gap on either side joins it instead of opening a new one."""
+    sequencer, gaps, _ = make()
+    for i in (1, 10):
+        sequencer.accept(KEY, i)
+    assert [(2, 9)] == gaps
+    for i in range(2, 10):
+        sequencer.fill(KEY, i)
+    for i in (5, 3, 4, 7, 6):
+        sequencer.mark_missing(KEY, i)
+
+    assert [(3, 7)] == sequencer.gaps(KEY)
+    assert [(2, 9), (5, 5), (3, 3), (7, 7)] == gaps

@@ -129,8 +129,9 @@ class Backfiller:
         failures = 0
         while gaps := self._sequencer.gaps(key):
             first, last = gaps[0]
-            if not self._pipeline.outlet.available:
-                # The sink is down: fetching now would only be refused again.
+            if not self._pipeline.outlet.accepting:
+                # The sink is down or still catching up: a page fetched now
+                # would only be refused again.
                 await self._clock.sleep(self._retry_delay)
                 continue
 

@@ -22,6 +22,9 @@ class Outlet(Protocol):
     @property
     def available(self) -> bool: ...
 
+    @property
+    def accepting(self) -> bool: ...
+
 
 class Pipeline:
     """Sequencer, then sink; counts what it drops."""

@@ -103,16 +103,31 @@ class Sequencer:
         return self._fill(key, sequence, id_)
 
     def mark_missing(self, key: StreamKey, id_: int) -> None:
-        """An accepted id the sink could not take: it becomes (part of) a gap."""
-        sequence = self._sequences[key]
-        gaps = sequence.gaps
+        """An accepted id the sink could not take: it becomes (part of) a gap.
+
+        It joins a gap it touches, so a run of refusals (a full sink, a
+        backfilled page refused again) is one gap reported once, not one
+        per id.
+        """
+        gaps = self._sequences[key].gaps
         if gaps and gaps[-1][1] == id_ - 1:
             gaps[-1][1] = id_
             return
+
         index = bisect.bisect_left(gaps, id_, key=_first)
-        gaps.insert(index, [id_, id_])
-        if self._on_gap is not None:
-            self._on_gap(key, id_, id_)
+        joins_next = index < len(gaps) and gaps[index][0] == id_ + 1
+        joins_previous = index > 0 and gaps[index - 1][1] == id_ - 1
+        if joins_previous and joins_next:
+            gaps[index - 1][1] = gaps[index][1]
+            del gaps[index]
+        elif joins_previous:
+            gaps[index - 1][1] = id_
+        elif joins_next:
+            gaps[index][0] = id_
+        else:
+            gaps.insert(index, [id_, id_])
+            if self._on_gap is not None:
+                self._on_gap(key, id_, id_)
 
     def give_up(self, key: StreamKey, first: int, last: int) -> int:
         """Stop waiting for ids ``first..last``; returns how many were still missing."""

@@ -163,7 +163,10 @@ class Supervisor:
             # once the endpoint serves data again.
             avoid = link.endpoint if cause in ("stale", "heartbeat_timeout") else None
             immediate = stable
-            if not stable and not self._stopping.is_set():
+            # A silent connection backs off but does not count towards giving
+            # up: the endpoint answers, the market may simply be halted, and
+            # the stale-data alert is what tells an operator.
+            if not stable and cause != "stale" and not self._stopping.is_set():
                 self._record_failed_attempt(cause)
 
     async def _connect(self, avoid: Endpoint | None = None) -> Link | None:

@@ -192,6 +192,15 @@ class SinkWriter:
         return self._available
 
     @property
+    def accepting(self) -> bool:
+        """Whether the backlog has room for a backfill page: below half of ``max_backlog``.
+
+        The backfill waits while it is False, so that what it fetches is not
+        refused again by a sink that is still catching up.
+        """
+        return self.backlog < self._max_backlog // 2 and self._available
+
+    @property
     def failed(self) -> SinkError | None:
         """The fatal error that stopped the writer, if one did."""
         return self._fatal
