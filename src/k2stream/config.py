@@ -448,7 +448,10 @@ class Settings:
 def add_arguments(
     parser: argparse.ArgumentParser, names: Sequence[str] | None = None
 ) -> None:
-    """Add a flag for each option (all when ``names`` is None); defaults stay None to see what was given."""
+    """Add a flag per option (all when ``names`` is None); defaults stay None.
+
+    A None tells :func:`resolve` that the flag was not given.
+    """
     parser.add_argument(
         "--config", metavar="FILE", help="TOML file of settings (keys as below)."
     )

@@ -39,7 +39,7 @@ class Fault:
 
 
 def symbol_specs(symbols: list[str], rate: float) -> tuple[SymbolSpec, ...]:
-    """Specs for the demo market; the bundled exchange is ours, so it may split symbols by suffix."""
+    """Specs for the demo market (ours, so it may split symbols by suffix)."""
     specs = []
     for index, symbol in enumerate(symbols):
         quote = next(

@@ -51,7 +51,7 @@ EXIT_GAVE_UP = 75  # EX_TEMPFAIL: every endpoint kept failing; a later start may
 
 
 def shard_symbols(symbols: Sequence[str], index: int, count: int) -> list[str]:
-    """The symbols of shard ``index`` of ``count``, by a hash that is stable across runs and hosts."""
+    """The symbols of shard ``index`` of ``count``, by a hash stable across runs and hosts."""
     return [s for s in symbols if zlib.crc32(s.encode()) % count == index]
 
 
@@ -419,7 +419,7 @@ class Service:
         return fetch
 
     async def heal_tail(self) -> None:
-        """Ask REST for each sequence's latest id, so trades after the last one streamed are healed too.
+        """Ask REST for each sequence's latest id, so that the tail is healed too.
 
         Used when the stream stops for good (the demo's drain): a gap is
         otherwise noticed only when a later id arrives.

@@ -194,7 +194,7 @@ async def test_lifetime_cap_rotations_lose_and_duplicate_nothing(
 async def test_server_shutdown_is_followed_by_an_immediate_replacement(
     exchange, start_service, tmp_path
 ):
-    """On serverShutdown a replacement opens at once (before the old closes when the server allows)."""
+    """On serverShutdown a replacement opens at once."""
     db = tmp_path / "t.db"
     run = await start_service(settings_for(exchange, db))
     await flowing(run)

@@ -78,7 +78,7 @@ def probe_url(run) -> str:
 async def test_readiness_follows_the_data_and_liveness_stays_up(
     exchange: Exchange, start_service, tmp_path
 ):
-    """/readyz turns 503 with a reason within the timeout of a freeze and back to 200 after it; /livez and /healthz stay 200."""
+    """/readyz follows a freeze (503 with a reason, then 200); /livez and /healthz stay 200."""
     settings = settings_for(
         exchange,
         tmp_path / "t.db",

@@ -59,7 +59,7 @@ async def running(exchange: Exchange, start_service, tmp_path: Path):
 async def test_status_shows_endpoints_streams_backfill_rest_and_sink(
     exchange: Exchange, start_service, tmp_path
 ):
-    """The text view names each endpoint with its breaker, each stream with its last id, backfill, REST weight and the sink."""
+    """The view shows endpoints, breakers, streams, backfill, REST weight and the sink."""
     run = await running(exchange, start_service, tmp_path)
     url = f"http://127.0.0.1:{run.service.probe.port}"
 

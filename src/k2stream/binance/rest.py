@@ -133,7 +133,7 @@ class BinanceRest:
         return self._budget
 
     async def exchange_info(self, symbols: list[str]) -> dict[str, SymbolInfo]:
-        """SymbolInfo for each of ``symbols``; raises :class:`UnknownSymbols` naming the bad ones."""
+        """SymbolInfo for ``symbols``; :class:`UnknownSymbols` names the bad ones."""
         params = {"symbols": "[" + ",".join(f'"{s}"' for s in symbols) + "]"}
         try:
             body = await self._get("/api/v3/exchangeInfo", params)

@@ -297,7 +297,7 @@ class Supervisor:
         )
 
     async def _serve(self, link: Link) -> tuple[str, bool]:
-        """Watch the live link (replacing it as needed) until it is lost; returns (cause, stable)."""
+        """Watch the live link, replacing it as needed, until lost: (cause, stable)."""
         self._activate(link)
         now = self._clock.monotonic()
         settings = self._settings
@@ -568,7 +568,8 @@ class Supervisor:
                 endpoint=link.endpoint.label,
                 venue=link.endpoint.venue,
                 preferred=self.endpoints[0].label,
-                action=f"the preferred endpoint is probed every {self._settings.failback_interval} s",
+                action="the preferred endpoint is probed every failback_interval",
+                failback_interval=self._settings.failback_interval,
             )
 
     def _deactivate(self) -> None:

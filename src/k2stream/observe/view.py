@@ -76,7 +76,8 @@ def render(status: dict[str, Any]) -> str:
     lines.append("")
     lines.append(
         f"backfill: {'busy' if backfill.get('busy') else 'idle'}, "
-        f"{backfill.get('healed_trades', 0)} trades healed, {len(backfill.get('lost', []))} ranges lost"
+        f"{backfill.get('healed_trades', 0)} trades healed, "
+        f"{len(backfill.get('lost', []))} ranges lost"
     )
     for lost in backfill.get("lost", []):
         lines.append(
