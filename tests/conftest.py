@@ -155,13 +155,27 @@ async def wait_for(
         await asyncio.sleep(0.05)
 
 
+def metric_value(service: Service, name: str, **labels: str) -> float:
+    """The current value of one sample of ``service``'s metrics; 0 when absent."""
+    found = service.metrics.registry.get_sample_value(name, labels)
+    return 0.0 if found is None else found
+
+
 def assert_complete(
-    exchange: Exchange, db: Path, streams: tuple[str, ...] = ("trade",)
+    exchange: Exchange,
+    db: Path,
+    streams: tuple[str, ...] = ("trade",),
+    symbols: set[str] | None = None,
 ) -> dict[str, int]:
-    """Every id from the first stored to the market's last is stored exactly once."""
+    """Every id from the first stored to the market's last is stored exactly once.
+
+    ``symbols`` limits the check to some symbols (a shard's); all by default.
+    """
     stored = counts(db)
     totals = {}
     for spec in exchange.config.symbols:
+        if symbols is not None and spec.symbol not in symbols:
+            continue
         for stream in streams:
             key = StreamKey(BINANCE, spec.symbol, stream)
             last = exchange.market.last_id(spec.symbol, stream)

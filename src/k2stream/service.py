@@ -23,11 +23,11 @@ import structlog
 from k2stream import __version__
 from k2stream.binance.feed import BinanceFeed
 from k2stream.binance.normalize import Normalizer, SymbolInfo
-from k2stream.binance.rest import BinanceRest, RestBanned, RestError, UnknownSymbols
+from k2stream.binance.rest import BinanceRest, RestError, UnknownSymbols, fetch_page
 from k2stream.binance.streams import endpoint_label, venue_of
 from k2stream.clock import SYSTEM_CLOCK, Clock
 from k2stream.config import Settings
-from k2stream.feed.backfill import Backfiller, FetchError, LostRange
+from k2stream.feed.backfill import Backfiller, Fetch, FetchError, LostRange
 from k2stream.feed.breaker import Breaker, BreakerState
 from k2stream.feed.budget import AttemptBudget, WeightBudget
 from k2stream.feed.endpoints import Endpoint
@@ -388,28 +388,15 @@ class Service:
                 normalizers[BINANCE_US] = Normalizer(BINANCE_US, us)
         return normalizers
 
-    def _fetch_for(self, normalizers: dict[str, Normalizer]) -> Any:
+    def _fetch_for(self, normalizers: dict[str, Normalizer]) -> Fetch:
         async def fetch(key: StreamKey, from_id: int, limit: int) -> list[Trade]:
             rest = self.rests.get(key.exchange)
             normalizer = normalizers.get(key.exchange)
             if rest is None or normalizer is None:
                 raise FetchError(f"no REST for {key.exchange}", permanent=True)
-            label = rest.base_url.split("://", 1)[-1]
             now_us = int(self.clock.time() * 1_000_000)
             try:
-                if key.stream == AGG_TRADE:
-                    aggs = await rest.agg_trades(key.symbol, from_id, limit)
-                    return [
-                        normalizer.from_rest_agg(key.symbol, a, label, now_us)
-                        for a in aggs
-                    ]
-                trades = await rest.historical_trades(key.symbol, from_id, limit)
-                return [
-                    normalizer.from_rest_trade(key.symbol, t, label, now_us)
-                    for t in trades
-                ]
-            except RestBanned as exc:
-                raise FetchError(str(exc), retry_after=exc.retry_after) from exc
+                return await fetch_page(rest, normalizer, key, from_id, limit, now_us)
             except RestError as exc:
                 retry_after = getattr(exc, "retry_after", None)
                 raise FetchError(

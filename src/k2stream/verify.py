@@ -14,11 +14,11 @@ import asyncio
 import aiohttp
 
 from k2stream.binance.normalize import Normalizer
-from k2stream.binance.rest import BinanceRest, RestError, RestRateLimited
+from k2stream.binance.rest import BinanceRest, RestError, RestRateLimited, fetch_page
 from k2stream.clock import SYSTEM_CLOCK
 from k2stream.feed.budget import WeightBudget
 from k2stream.observe.metrics import Metrics
-from k2stream.records import AGG_TRADE, BINANCE, StreamKey, Trade
+from k2stream.records import BINANCE, StreamKey
 from k2stream.sinks.base import Sink, open_sink
 from k2stream.sinks.store import missing_ranges
 
@@ -105,22 +105,12 @@ async def _repair_range(
     first: int,
     last: int,
 ) -> None:
-    label = rest.base_url.split("://", 1)[-1]
     cursor = first
     while cursor <= last:
         try:
-            if key.stream == AGG_TRADE:
-                items = await rest.agg_trades(key.symbol, cursor, last - cursor + 1)
-                trades: list[Trade] = [
-                    normalizer.from_rest_agg(key.symbol, i, label, 0) for i in items
-                ]
-            else:
-                fills = await rest.historical_trades(
-                    key.symbol, cursor, last - cursor + 1
-                )
-                trades = [
-                    normalizer.from_rest_trade(key.symbol, i, label, 0) for i in fills
-                ]
+            trades = await fetch_page(
+                rest, normalizer, key, cursor, last - cursor + 1, received_us=0
+            )
         except RestRateLimited as exc:
             print(f"{key}: rate limited, waiting {exc.retry_after:.0f} s")
             await asyncio.sleep(exc.retry_after)

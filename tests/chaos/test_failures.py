@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import asyncio
 
-from conftest import assert_complete, exchange_config, settings_for, wait_for
+from conftest import (
+    assert_complete,
+    exchange_config,
+    metric_value,
+    settings_for,
+    wait_for,
+)
 from k2stream.exchange import Exchange
-
-
-def value(service, name: str, **labels: str) -> float:
-    """The current value of a metric sample of ``service``."""
-    found = service.metrics.registry.get_sample_value(name, labels)
-    return 0.0 if found is None else found
 
 
 async def flowing(run, more: int = 300) -> None:
@@ -39,7 +39,7 @@ async def test_kill_reconnects_and_heals(exchange, start_service, tmp_path):
 
     assert 0 == await run.stop(exchange)
     assert_complete(exchange, db)
-    assert 2 <= value(
+    assert 2 <= metric_value(
         run.service,
         "k2_binance_reconnects_total",
         endpoint=_label(exchange, 0),
@@ -63,7 +63,7 @@ async def test_failover_while_the_primary_refuses_then_failback(
         what="failover",
     )
     await flowing(run)
-    assert 1 == value(run.service, "k2_binance_failover_active")
+    assert 1 == metric_value(run.service, "k2_binance_failover_active")
 
     await wait_for(
         lambda: supervisor.link is not None and supervisor.link.endpoint.index == 0,
@@ -71,11 +71,13 @@ async def test_failover_while_the_primary_refuses_then_failback(
         what="failback",
     )
     await flowing(run)
-    assert 0 == value(run.service, "k2_binance_failover_active")
+    assert 0 == metric_value(run.service, "k2_binance_failover_active")
 
     assert 0 == await run.stop(exchange)
     assert_complete(exchange, db)
-    assert 1 <= value(run.service, "k2_binance_rotations_total", reason="failback")
+    assert 1 <= metric_value(
+        run.service, "k2_binance_rotations_total", reason="failback"
+    )
 
 
 async def test_stall_is_noticed_and_healed(exchange, start_service, tmp_path):
@@ -87,10 +89,10 @@ async def test_stall_is_noticed_and_healed(exchange, start_service, tmp_path):
     exchange.faults.stall(3.0, endpoint=0)
     await wait_for(
         lambda: (
-            value(
+            metric_value(
                 run.service, "k2_binance_stale_detections_total", reason="data_timeout"
             )
-            + value(
+            + metric_value(
                 run.service, "k2_binance_stale_detections_total", reason="heartbeat"
             )
             >= 1
@@ -123,7 +125,7 @@ async def test_freeze_is_declared_stale_within_seconds_with_default_settings(
     exchange.faults.freeze(20.0, endpoint=0)
     await wait_for(
         lambda: (
-            value(
+            metric_value(
                 run.service, "k2_binance_stale_detections_total", reason="data_timeout"
             )
             >= 1
@@ -153,14 +155,16 @@ async def test_429_then_418_on_the_handshake(exchange, start_service, tmp_path):
     exchange.faults.ratelimit(1.5, retry_after=1, endpoint=None)
     exchange.faults.kill()
     await wait_for(
-        lambda: value(run.service, "k2_binance_rate_limited_total", kind="ws") >= 1,
+        lambda: (
+            metric_value(run.service, "k2_binance_rate_limited_total", kind="ws") >= 1
+        ),
         what="429 counted",
     )
     await flowing(run)
     exchange.faults.ban(1.5, endpoint=None)
     exchange.faults.kill()
     await wait_for(
-        lambda: value(run.service, "k2_binance_bans_total", kind="ws") >= 1,
+        lambda: metric_value(run.service, "k2_binance_bans_total", kind="ws") >= 1,
         what="418 counted",
     )
     await flowing(run)
@@ -180,7 +184,10 @@ async def test_lifetime_cap_rotations_lose_and_duplicate_nothing(
         run = await start_service(settings_for(exchange, db, rotate_after="1.0"))
         await wait_for(
             lambda: (
-                value(run.service, "k2_binance_rotations_total", reason="lifetime") >= 3
+                metric_value(
+                    run.service, "k2_binance_rotations_total", reason="lifetime"
+                )
+                >= 3
             ),
             within=20,
             what="3 rotations",
@@ -202,8 +209,10 @@ async def test_server_shutdown_is_followed_by_an_immediate_replacement(
     exchange.faults.shutdown()
     await wait_for(
         lambda: (
-            value(run.service, "k2_binance_rotations_total", reason="server_shutdown")
-            + value(
+            metric_value(
+                run.service, "k2_binance_rotations_total", reason="server_shutdown"
+            )
+            + metric_value(
                 run.service,
                 "k2_binance_reconnects_total",
                 endpoint=_label(exchange, 0),
@@ -230,7 +239,7 @@ async def test_garbage_frames_are_counted_and_the_capture_continues(
     exchange.faults.garbage(1000)
     await wait_for(
         lambda: (
-            value(run.service, "k2_binance_errors_total", kind="malformed_frame")
+            metric_value(run.service, "k2_binance_errors_total", kind="malformed_frame")
             >= 1000
         ),
         what="1000 malformed frames",
@@ -238,7 +247,9 @@ async def test_garbage_frames_are_counted_and_the_capture_continues(
     await flowing(run)
 
     assert 0 == await run.stop(exchange)
-    assert 1000 == value(run.service, "k2_binance_errors_total", kind="malformed_frame")
+    assert 1000 == metric_value(
+        run.service, "k2_binance_errors_total", kind="malformed_frame"
+    )
     assert_complete(exchange, db)
 
 

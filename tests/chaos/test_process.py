@@ -50,6 +50,23 @@ def stored(db: Path) -> int:
         return 0
 
 
+async def lock_store(db: Path, seconds: float) -> asyncio.subprocess.Process:
+    """Another process holding the store's write lock for ``seconds``; returns once held."""
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        "import sqlite3,sys,time; c=sqlite3.connect(sys.argv[1], isolation_level=None);"
+        "c.execute('BEGIN EXCLUSIVE'); print('locked', flush=True);"
+        "time.sleep(float(sys.argv[2])); c.execute('COMMIT')",
+        str(db),
+        str(seconds),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert holder.stdout is not None
+    assert b"locked" in await holder.stdout.readline()
+    return holder
+
+
 async def test_sigterm_flushes_checkpoints_and_exits_0(exchange, tmp_path):
     """SIGTERM mid-stream: exit 0 within 5 s, and every checkpointed id is stored."""
     db = tmp_path / "t.db"
@@ -117,17 +134,7 @@ async def test_a_locked_store_delays_writes_but_loses_nothing(
     run = await start_service(settings_for(exchange, db, sink_busy_timeout="0.1"))
     await wait_for(lambda: run.service.delivered > 300, what="flowing")
 
-    holder = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        "import sqlite3,sys,time; c=sqlite3.connect(sys.argv[1], isolation_level=None);"
-        "c.execute('BEGIN EXCLUSIVE'); print('locked', flush=True); time.sleep(2);"
-        "c.execute('COMMIT')",
-        str(db),
-        stdout=asyncio.subprocess.PIPE,
-    )
-    assert holder.stdout is not None
-    assert b"locked" in await holder.stdout.readline()
+    holder = await lock_store(db, seconds=2)
     await wait_for(
         lambda: not run.service.writer.available,
         within=5,
@@ -157,17 +164,7 @@ async def test_a_full_backlog_becomes_gaps_healed_once_the_store_is_back(
     run = await start_service(settings)
     await wait_for(lambda: run.service.delivered > 300, what="flowing")
 
-    holder = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        "import sqlite3,sys,time; c=sqlite3.connect(sys.argv[1], isolation_level=None);"
-        "c.execute('BEGIN EXCLUSIVE'); print('locked', flush=True); time.sleep(3);"
-        "c.execute('COMMIT')",
-        str(db),
-        stdout=asyncio.subprocess.PIPE,
-    )
-    assert holder.stdout is not None
-    assert b"locked" in await holder.stdout.readline()
+    holder = await lock_store(db, seconds=3)
     metrics = run.service.metrics.registry
     await wait_for(
         lambda: (

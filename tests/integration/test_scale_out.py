@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import asyncio
 
-from conftest import assert_complete, exchange_config, settings_for, wait_for
+from conftest import (
+    assert_complete,
+    exchange_config,
+    metric_value,
+    settings_for,
+    wait_for,
+)
 from k2stream.exchange import Exchange, SymbolSpec
 from k2stream.service import shard_symbols
 from k2stream.sinks.store import counts
@@ -16,11 +22,6 @@ FOUR = (
     SymbolSpec("ADAUSDT", base="ADA", quote="USDT", rate=50.0, price="0.50"),
     SymbolSpec("SOLUSDT", base="SOL", quote="USDT", rate=50.0, price="150.00"),
 )
-
-
-def value(service, name: str, **labels: str) -> float:
-    found = service.metrics.registry.get_sample_value(name, labels)
-    return 0.0 if found is None else found
 
 
 def test_shards_partition_symbols_stably():
@@ -53,19 +54,7 @@ async def test_two_shards_capture_every_symbol_exactly_once(start_service, tmp_p
         assert not stored[0] & stored[1]
         assert {s.symbol for s in FOUR} == stored[0] | stored[1]
         for db, symbols in zip(dbs, stored, strict=True):
-            _complete_for(exchange, db, symbols)
-
-
-def _complete_for(exchange: Exchange, db, symbols: set[str]) -> None:
-    from k2stream.records import BINANCE, StreamKey
-    from k2stream.sinks.store import count_ids
-
-    stored = counts(db)
-    for symbol in symbols:
-        key = StreamKey(BINANCE, symbol, "trade")
-        rows, first, last = stored[key]
-        assert exchange.market.last_id(symbol, "trade") == last
-        assert last - first + 1 == count_ids(db, key, first, last) == rows
+            assert_complete(exchange, db, symbols=symbols)
 
 
 async def test_streams_beyond_one_connection_are_split(
@@ -110,10 +99,10 @@ async def test_redundant_connections_survive_a_kill_without_backfill(
     assert 0 == await run.stop(exchange, within=5)
     assert_complete(exchange, db)
     for symbol in ("BTCUSDT", "ETHUSDT"):
-        assert 0 == value(
+        assert 0 == metric_value(
             run.service, "k2_binance_gaps_detected_total", symbol=symbol, stream="trade"
         )
-        assert 0 == value(
+        assert 0 == metric_value(
             run.service,
             "k2_binance_backfilled_trades_total",
             symbol=symbol,

@@ -95,7 +95,7 @@ def test_redundant_siblings_are_not_failed_back_onto():
 
 
 def test_giving_up_names_every_endpoint_tried_with_its_last_error():
-    """The give-up message lists each endpoint tried, its tries and its last error, and the remedy."""
+    """The give-up message names each endpoint tried, its tries, last error and the remedy."""
     clock = FakeClock()
     listed = endpoints(clock)
     listed[0].tries, listed[0].last_error = 6, "HTTP 503"

@@ -18,10 +18,11 @@ import msgspec
 import structlog
 
 from k2stream.binance.messages import RestAggTrade, RestTrade
-from k2stream.binance.normalize import SymbolInfo
+from k2stream.binance.normalize import Normalizer, SymbolInfo
 from k2stream.clock import SYSTEM_CLOCK, Clock
 from k2stream.feed.budget import WeightBudget
 from k2stream.observe.metrics import Metrics
+from k2stream.records import AGG_TRADE, StreamKey, Trade
 
 
 log = structlog.get_logger(__name__)
@@ -247,6 +248,27 @@ class BinanceRest:
         self._metrics.rate_limited.labels("rest").inc()
         self._metrics.errors.labels("rate_limited").inc()
         log.warning("rate_limited", kind="rest", path=path, retry_after=retry_after)
+
+
+async def fetch_page(
+    rest: BinanceRest,
+    normalizer: Normalizer,
+    key: StreamKey,
+    from_id: int,
+    limit: int,
+    received_us: int,
+) -> list[Trade]:
+    """Up to ``limit`` trades (or aggregate trades) of ``key`` from ``from_id`` on, as records."""
+    label = rest.base_url.split("://", 1)[-1]
+    if key.stream == AGG_TRADE:
+        aggs = await rest.agg_trades(key.symbol, from_id, limit)
+        return [
+            normalizer.from_rest_agg(key.symbol, a, label, received_us) for a in aggs
+        ]
+    fills = await rest.historical_trades(key.symbol, from_id, limit)
+    return [
+        normalizer.from_rest_trade(key.symbol, t, label, received_us) for t in fills
+    ]
 
 
 def _retry_after(headers: Mapping[str, str]) -> float:

@@ -65,10 +65,8 @@ class ProbeServer:
                 f"cannot serve metrics on {self._host}:{self._port}: {exc.strerror}; "
                 "choose another --metrics-port"
             ) from exc
-        server = site._server
-        sockets = getattr(server, "sockets", None) or []
-        if sockets:
-            self.port = sockets[0].getsockname()[1]
+        # With port 0 the system picks one; report the one actually bound.
+        self.port = self._runner.addresses[0][1]
 
     async def stop(self) -> None:
         if self._runner is not None:
